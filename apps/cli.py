@@ -1,0 +1,250 @@
+"""The `edgert` command line: run, chat, info, pull. All printing and exiting happens here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="edgert: run language models larger than the device.",
+    pretty_exceptions_enable=False,
+)
+
+ModelArg = Annotated[str, typer.Argument(help="A .gguf file, an HF safetensors folder, or a model name.")]
+Ctx = Annotated[int, typer.Option("-c", "--ctx", help="Context length in tokens.", min=16)]
+Threads = Annotated[Optional[int], typer.Option("-t", "--threads", help="Compute threads.", min=1)]  # noqa: UP045
+MaxTok = Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens to generate.", min=1)]
+Temp = Annotated[float, typer.Option("--temperature", "--temp", help="0 = greedy.", min=0.0)]
+TopK = Annotated[int, typer.Option("--top-k", help="0 = off.", min=0)]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+Seed = Annotated[Optional[int], typer.Option("--seed")]  # noqa: UP045
+RepPen = Annotated[float, typer.Option("--repeat-penalty", min=0.0)]
+
+
+def _cache_dir() -> Path | None:
+    d = os.environ.get("EDGERT_HOME")
+    return Path(d) if d else None
+
+
+def _progress():
+    """A one-line progress display on stderr (only when it is a terminal)."""
+    tty = sys.stderr.isatty()
+    last = [""]
+
+    def show(what: str, done: int, total: int) -> None:
+        if total > 1 << 20:
+            line = f"{what}: {done / 2**20:7.1f} / {total / 2**20:.1f} MiB ({100 * done / total:3.0f}%)"
+        else:
+            line = f"{what} ({done}/{total})"
+        if tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if done >= total and total > 1 << 20 else ""))
+            sys.stderr.flush()
+        elif line.split(":")[0] != last[0]:
+            sys.stderr.write(line + "\n")
+        last[0] = line.split(":")[0]
+
+    return show
+
+
+def _load(model: str, ctx: int, threads: int | None):
+    import edgert
+
+    return edgert.load(model, context=ctx, threads=threads, cache_dir=_cache_dir(), progress=_progress())
+
+
+def _stats_line(st) -> str:
+    return (
+        f"prompt: {st.prompt_tokens} tok ({st.cached_tokens} cached), {st.prompt_tps:.1f} tok/s | "
+        f"decode: {st.generation_tokens} tok, {st.generation_tps:.1f} tok/s | "
+        f"TTFT {st.time_to_first_token * 1000:.0f} ms | peak RSS {st.peak_rss / 2**20:.0f} MiB"
+    )
+
+
+@app.command()
+def run(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt to complete.")],
+    max_tokens: MaxTok = 128,
+    temperature: Temp = 0.0,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    seed: Seed = None,
+    repeat_penalty: RepPen = 1.0,
+    ctx: Ctx = 4096,
+    threads: Threads = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence.")] = False,
+) -> None:
+    """Complete a prompt. Only the generated text goes to stdout; statistics go to stderr."""
+    llm = _load(model, ctx, threads)
+    opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    for r in llm.stream(
+        prompt, max_tokens=max_tokens, ignore_eos=ignore_eos, repetition_penalty=repeat_penalty, **opts
+    ):
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    typer.echo(_stats_line(llm.stats), err=True)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Model (default: SmolLM2-135M-Instruct).")] = "smollm2-135m",
+    system: Annotated[Optional[str], typer.Option("--system", "-s", help="A system prompt.")] = None,  # noqa: UP045
+    max_tokens: MaxTok = 512,
+    temperature: Temp = 0.0,
+    top_k: TopK = 40,
+    top_p: TopP = 0.95,
+    min_p: MinP = 0.05,
+    seed: Seed = None,
+    repeat_penalty: RepPen = 1.0,
+    ctx: Ctx = 4096,
+    threads: Threads = None,
+) -> None:
+    """Chat with a model. /reset clears the conversation, /stats shows speed, /exit quits.
+
+    Ctrl-C stops the current answer; standard input may be piped (one message per line).
+    """
+    import edgert
+
+    llm = _load(model, ctx, threads)
+    tty = sys.stdin.isatty()
+    opts = dict(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        repetition_penalty=repeat_penalty,
+    )
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    if tty:
+        typer.echo(f"edgert chat · {Path(str(llm.source.path)).name} · /reset /stats /exit", err=True)
+    while True:
+        try:
+            line = input("> " if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            if tty:
+                typer.echo("", err=True)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            messages = list(base)
+            llm.reset()
+            typer.echo("(conversation cleared)", err=True)
+            continue
+        if line == "/stats":
+            typer.echo(_stats_line(llm.stats), err=True)
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        try:
+            for r in llm.stream_chat(messages, **opts):
+                answer.append(r.text)
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        except edgert.ContextError as e:
+            messages.pop()
+            typer.echo(f"\nerror: {e} (/reset starts over)", err=True)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+@app.command()
+def info(model: ModelArg) -> None:
+    """Architecture, parameter count, block types and bytes per layer."""
+    from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE
+
+    from edgert import loader
+
+    src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))
+    a, refs = src.args, src.store.refs
+    params = sum(r.nbytes // TYPE_SIZE[r.qtype] * BLOCK_SIZE[r.qtype] for r in refs.values())
+    by_type: Counter = Counter()
+    for r in refs.values():
+        by_type[r.qtype.name] += r.nbytes
+    total = sum(by_type.values())
+    typer.echo(f"model          {src.path}")
+    typer.echo(f"architecture   {a.arch} ({src.kind})")
+    typer.echo(f"parameters     {params / 1e6:.1f} M, {total / 2**20:.1f} MiB of weights")
+    typer.echo(
+        f"layers         {a.n_layers} · dim {a.dim} · heads {a.n_heads}/{a.n_kv_heads} kv · head_dim "
+        f"{a.head_dim} · ffn {a.ffn_dim}"
+    )
+    if a.n_experts:
+        typer.echo(
+            f"experts        {a.n_experts} ({a.n_experts_used} active) · expert ffn {a.expert_ffn_dim}"
+        )
+    typer.echo(f"context        {a.context_length} · vocab {a.vocab_size} · rope base {a.rope_base:g}")
+    typer.echo("block types    " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in by_type.most_common()))
+    per_layer = [src.store.nbytes(f"blk.{i}.") for i in range(a.n_layers)]
+    typer.echo(
+        f"bytes/layer    {min(per_layer) / 2**20:.2f}–{max(per_layer) / 2**20:.2f} MiB "
+        f"(embedding {src.store.nbytes('token_embd') / 2**20:.1f} MiB, "
+        f"output {src.store.nbytes('output.') / 2**20:.1f} MiB)"
+    )
+    for i, b in enumerate(per_layer):
+        typer.echo(f"  blk.{i:<3d} {b / 2**20:8.2f} MiB")
+
+
+@app.command()
+def pull(
+    name: Annotated[str, typer.Argument(help="A model name (see `edgert pull --list`).")] = "",
+    list_: Annotated[bool, typer.Option("--list", help="List the models that can be pulled.")] = False,
+) -> None:
+    """Fetch a known model into the cache, verifying its sha256."""
+    from edgert import hub
+
+    if list_ or not name:
+        for m in hub.MODELS.values():
+            typer.echo(
+                f"{m.name:22s} {m.filename} ({m.size / 2**20:.0f} MiB)  aliases: {', '.join(m.aliases)}"
+            )
+        return
+    typer.echo(str(hub.pull(name, _cache_dir(), _progress())))
+
+
+def main() -> None:
+    from edgert.errors import EdgertError
+
+    try:
+        app(standalone_mode=False)
+    except EdgertError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # bad flags and arguments (typer's click errors)
+        code = getattr(e, "exit_code", 2)
+        hint = " (see --help)" if code == 2 else ""
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        if not msg:  # no arguments: the help was the answer
+            sys.exit(0)
+        typer.echo(f"error: {msg}{hint}", err=True)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

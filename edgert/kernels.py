@@ -1,0 +1,229 @@
+"""Numba kernels for everything but the quantized matmul (that is `edgert.quant.kernels`).
+
+Each kernel writes into an `out` argument that the caller preallocated; none allocates.
+The numpy twins at the bottom are the references the tests hold the kernels to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+from edgert.quant.kernels import _round_f16 as _round_half
+
+
+@nb.njit(cache=True, fastmath=False)
+def rmsnorm(out, x, w, eps):
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for each row r of a 2-D x."""
+    rows, n = x.shape
+    for r in range(rows):
+        ss = 0.0
+        for i in range(n):
+            ss += x[r, i] * x[r, i]
+        inv = 1.0 / math.sqrt(ss / n + eps)
+        for i in range(n):
+            out[r, i] = x[r, i] * inv * w[i]
+
+
+@nb.njit(cache=True)
+def rope_table(cos, sin, base, n_rot, freq_factors, freq_scale):
+    """cos/sin[p, i] of the angle p * freq_scale * base^(-2i/n_rot) / freq_factors[i], i < n_rot/2.
+
+    Computed as ggml does, in float32 with the angle advanced by repeated multiplication,
+    so that rotated q/k (which are then rounded to fp16) match llama.cpp bit for bit.
+    """
+    half = n_rot // 2
+    theta_scale = np.float32(np.float32(base) ** np.float32(-2.0 / n_rot))
+    fs = np.float32(freq_scale)
+    for p in range(cos.shape[0]):
+        theta = np.float32(p)
+        for i in range(half):
+            a = fs * (theta / np.float32(freq_factors[i]))
+            cos[p, i] = np.cos(a)
+            sin[p, i] = np.sin(a)
+            theta = np.float32(theta * theta_scale)
+
+
+@nb.njit(cache=True)
+def rope(x, cos, sin, pos0, neox):
+    """Rotate x[T, H, D] in place for positions pos0..pos0+T-1 over the first n_rot dims.
+
+    neox=True pairs dim i with i + n_rot/2 (HF rotate_half); False pairs 2i with 2i+1
+    (GGUF llama, whose q/k rows llama.cpp's converter permuted to that layout).
+    """
+    T, H, _ = x.shape
+    half = cos.shape[1]
+    for t in range(T):
+        p = pos0 + t
+        for h in range(H):
+            for i in range(half):
+                c, s = cos[p, i], sin[p, i]
+                if neox:
+                    a, b = x[t, h, i], x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
+                else:
+                    a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def attention(out, q, k, v, pos0, scale, window, softcap):
+    """Causal attention of q[T, Hq, D] over the cache k, v [Hkv, S, D] for positions pos0...
+
+    Query t sits at position pos0 + t and sees cache positions max(0, p - window + 1)..p
+    (window <= 0: all). Grouped-query: head h reads kv head h // (Hq / Hkv). One pass of
+    online softmax per (t, h), accumulating straight into out, so no score buffer exists.
+    """
+    T, Hq, D = q.shape
+    group = Hq // k.shape[0]
+    for th in prange(T * Hq):
+        t, h = th // Hq, th % Hq
+        kv = h // group
+        p = pos0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        m = -np.inf
+        l = 0.0
+        o = out[t, h]
+        for d in range(D):
+            o[d] = 0.0
+        for j in range(lo, p + 1):
+            s = 0.0
+            for d in range(D):
+                s += q[t, h, d] * k[kv, j, d]
+            s *= scale
+            if softcap > 0.0:
+                s = softcap * math.tanh(s / softcap)
+            if s > m:
+                c = math.exp(m - s)
+                l *= c
+                for d in range(D):
+                    o[d] *= c
+                m = s
+            w = math.exp(s - m)
+            l += w
+            for d in range(D):
+                o[d] += w * v[kv, j, d]
+        inv = 1.0 / l
+        for d in range(D):
+            o[d] *= inv
+
+
+# fp16 bits -> float32, as ggml's ggml_table_f32_f16: a 256 KiB table beats bit twiddling.
+F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+@nb.njit(cache=True, parallel=True)
+def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
+    """attention() over an fp16 cache (k, v: uint16 bits [Hkv, S, D]), with ggml's arithmetic.
+
+    llama.cpp without flash attention computes softmax(K . fp16(q) * scale) and multiplies
+    the probabilities, rounded to fp16, by V; each product is summed in float32. Doing the
+    same rounding here keeps edgert's logits within float noise of llama.cpp's.
+    scores: float32 [n_chunks, S] scratch, one row per parallel chunk.
+    """
+    T, Hq, D = q.shape
+    group = Hq // k.shape[0]
+    n = T * Hq
+    chunks = scores.shape[0]
+    per = (n + chunks - 1) // chunks
+    for c in prange(chunks):
+        s = scores[c]
+        for th in range(c * per, min(n, (c + 1) * per)):
+            t, h = th // Hq, th % Hq
+            kv = h // group
+            p = pos0 + t
+            lo = 0 if window <= 0 else max(0, p - window + 1)
+            for d in range(D):  # q is scratch after RoPE: round it in place, once
+                q[t, h, d] = _round_half(q[t, h, d])
+            m = -np.inf
+            for j in range(lo, p + 1):
+                acc = np.float32(0.0)
+                for d in range(D):
+                    acc += q[t, h, d] * table[k[kv, j, d]]
+                x = acc * np.float32(scale)
+                if softcap > 0.0:
+                    x = np.float32(softcap * math.tanh(x / softcap))
+                s[j] = x
+                m = max(m, x)
+            total = 0.0
+            mf = np.float32(m)
+            for j in range(lo, p + 1):
+                e = np.float32(math.exp(np.float32(s[j] - mf)))
+                s[j] = e
+                total += e
+            inv = np.float32(1.0 / total)
+            o = out[t, h]
+            for d in range(D):
+                o[d] = 0.0
+            for j in range(lo, p + 1):
+                w = _round_half(s[j] * inv)
+                for d in range(D):
+                    o[d] += w * table[v[kv, j, d]]
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def silu_mul(gate, up):
+    """gate <- silu(gate) * up, in place (SwiGLU)."""
+    T, n = gate.shape
+    for t in range(T):
+        for i in prange(n):
+            g = gate[t, i]
+            gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def gelu_mul(gate, up):
+    """gate <- gelu_tanh(gate) * up, in place (GeGLU, gemma)."""
+    T, n = gate.shape
+    for t in range(T):
+        for i in prange(n):
+            g = gate[t, i]
+            gate[t, i] = (
+                0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * up[t, i]
+            )
+
+
+# ---- numpy references ------------------------------------------------------------------
+
+
+def rmsnorm_ref(x, w, eps):
+    x = x.astype(np.float64)
+    return (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w).astype(np.float32)
+
+
+def rope_ref(x, pos0, base, n_rot, neox):
+    T, H, D = x.shape
+    half = n_rot // 2
+    theta = base ** (-2.0 * np.arange(half) / n_rot)
+    ang = (pos0 + np.arange(T))[:, None] * theta[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    y = x.astype(np.float64).copy()
+    if neox:
+        a, b = y[..., :half].copy(), y[..., half:n_rot].copy()
+        y[..., :half], y[..., half:n_rot] = a * c - b * s, a * s + b * c
+    else:
+        a, b = y[..., 0:n_rot:2].copy(), y[..., 1:n_rot:2].copy()
+        y[..., 0:n_rot:2], y[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
+    return y.astype(np.float32)
+
+
+def attention_ref(q, k, v, pos0, scale, window, softcap):
+    T, Hq, D = q.shape
+    group = Hq // k.shape[0]
+    out = np.zeros_like(q)
+    for t in range(T):
+        p = pos0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        for h in range(Hq):
+            kv = h // group
+            s = (k[kv, lo : p + 1].astype(np.float64) @ q[t, h].astype(np.float64)) * scale
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
+            w = np.exp(s - s.max())
+            out[t, h] = (w / w.sum()) @ v[kv, lo : p + 1]
+    return out

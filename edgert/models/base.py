@@ -1,0 +1,477 @@
+"""Leaf pieces every architecture file composes: config, shard, workspace, and the blocks.
+
+A model's forward runs over a *shard*: a range of KV heads (with their query heads), a
+range of FFN columns and a range of experts. One device is the shard that holds all of
+them. The blocks below return partial sums; the model file reduces them through its
+communicator (the identity on one device) at the two points of each layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
+
+import numba as nb
+import numpy as np
+
+from edgert import kernels as K
+from edgert.cache import KVCache
+from edgert.errors import FormatError, UnsupportedError
+from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
+from edgert.quant.kernels import MatmulScratch, get_rows, matmul
+from edgert.weights import WeightStore
+
+# ---- config --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    arch: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float
+    rope_base: float
+    rope_neox: bool  # True: rotate-half pairs (HF, and GGUF qwen/gemma); False: interleaved (GGUF llama)
+    n_rot: int
+    context_length: int
+    rope_scale: float = 1.0  # linear RoPE scaling: angle * rope_scale
+    n_experts: int = 0
+    n_experts_used: int = 0
+    expert_ffn_dim: int = 0
+    norm_topk: bool = True  # renormalise the chosen experts' weights to sum to 1
+    # gemma-style knobs; the defaults are the plain transformer
+    sliding_window: int = 0
+    sliding_layers: tuple[bool, ...] = ()
+    rope_local_base: float = 10000.0
+    attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    embed_scale: float = 1.0
+    final_softcap: float = 0.0
+    attn_softcap: float = 0.0
+    norm_shift: float = 0.0  # HF gemma stores RMSNorm weights as w - 1
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise FormatError(f"{self.n_heads} attention heads do not divide into {self.n_kv_heads} KV heads")
+        if self.n_experts and not self.expert_ffn_dim:  # mixtral: experts are ffn_dim wide
+            object.__setattr__(self, "expert_ffn_dim", self.ffn_dim)
+
+    @property
+    def q_scale(self) -> float:
+        return self.attn_scale or 1.0 / math.sqrt(self.head_dim)
+
+
+GGUF_NEOX = {"qwen2", "qwen3", "qwen3moe", "gemma3", "gemma2", "gemma"}
+
+
+def args_from_gguf(meta: dict[str, Any], arch: str, **overrides) -> ModelArgs:
+    def get(key, default=None):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise FormatError(f"GGUF metadata lacks {arch}.{key}")
+        return v
+
+    n_heads = int(get("attention.head_count"))
+    dim = int(get("embedding_length"))
+    head_dim = int(get("attention.key_length", dim // n_heads))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+    scale = 1.0
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scale = 1.0 / float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+    kw = dict(
+        arch=arch,
+        n_layers=int(get("block_count")),
+        dim=dim,
+        n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        ffn_dim=int(get("feed_forward_length", 0)),
+        vocab_size=int(vocab),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_base=float(get("rope.freq_base", 10000.0)),
+        rope_neox=arch in GGUF_NEOX,
+        n_rot=int(get("rope.dimension_count", head_dim)),
+        context_length=int(get("context_length", 4096)),
+        rope_scale=scale,
+        n_experts=int(get("expert_count", 0)),
+        n_experts_used=int(get("expert_used_count", 0)),
+        expert_ffn_dim=int(get("expert_feed_forward_length", 0)),
+        attn_softcap=float(get("attn_logit_softcapping", 0.0)),
+        final_softcap=float(get("final_logit_softcapping", 0.0)),
+    )
+    kw.update(overrides)
+    return ModelArgs(**kw)
+
+
+def args_from_hf(cfg: dict[str, Any], arch: str, **overrides) -> ModelArgs:
+    cfg = {**cfg, **cfg.get("text_config", {})}
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if "full_attention" in rope and isinstance(rope["full_attention"], dict):
+        rope = rope["full_attention"]
+    n_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    scale = 1.0
+    if rope.get("rope_type", rope.get("type")) == "linear":
+        scale = 1.0 / float(rope["factor"])
+    elif rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise UnsupportedError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    kw = dict(
+        arch=arch,
+        n_layers=cfg["num_hidden_layers"],
+        dim=cfg["hidden_size"],
+        n_heads=n_heads,
+        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        head_dim=head_dim,
+        ffn_dim=cfg.get("intermediate_size", 0),
+        vocab_size=cfg["vocab_size"],
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_neox=True,
+        n_rot=int(head_dim * cfg.get("partial_rotary_factor", 1.0)),
+        context_length=cfg.get("max_position_embeddings", 4096),
+        rope_scale=scale,
+        n_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
+        n_experts_used=cfg.get("num_experts_per_tok", 0),
+        expert_ffn_dim=cfg.get("moe_intermediate_size", 0),
+        norm_topk=cfg.get("norm_topk_prob", True),
+        attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
+        final_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
+    )
+    kw.update(overrides)
+    names = {f.name for f in fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in kw.items() if k in names})
+
+
+# ---- shard ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one device computes: KV heads [kv), their query heads, FFN columns, experts."""
+
+    kv: range
+    ffn: range
+    experts: range
+    expert_ffn: range = range(0)
+
+    @classmethod
+    def full(cls, a: ModelArgs) -> Shard:
+        return cls(range(a.n_kv_heads), range(a.ffn_dim), range(a.n_experts), range(a.expert_ffn_dim))
+
+
+class Linear(NamedTuple):
+    w: np.ndarray  # uint8 [rows, row_bytes]: whole rows of GGUF blocks (or F32/F16/BF16)
+    qtype: int
+    bias: np.ndarray | None = None
+
+
+def _cols(raw: np.ndarray, qtype: QType, start: int, stop: int, name: str) -> np.ndarray:
+    """Columns [start, stop) of a blocked row-major matrix, as a strided zero-copy view."""
+    bs, ts = BLOCK_SIZE[qtype], TYPE_SIZE[qtype]
+    if start % bs or stop % bs:
+        raise UnsupportedError(f"{name}: a shard boundary at column {start}/{stop} splits a {bs}-wide block")
+    return raw[:, start // bs * ts : stop // bs * ts]
+
+
+def linear(store: WeightStore, name: str, rows: range | None = None, cols: range | None = None) -> Linear:
+    """The weight `name`.weight (+ `name`.bias if present), restricted to the shard's rows/cols."""
+    ref = store.ref(f"{name}.weight")
+    if rows is not None and (rows.start, rows.stop) != (0, ref.n_rows):
+        ref = ref.rows(rows.start, rows.stop)
+    raw = store.raw(ref)
+    if cols is not None and (cols.start, cols.stop) != (0, ref.shape[-1]):
+        raw = _cols(raw, ref.qtype, cols.start, cols.stop, ref.name)
+    bias = None
+    if f"{name}.bias" in store:
+        bias = store.f32(f"{name}.bias")
+        if rows is not None:
+            bias = np.ascontiguousarray(bias[rows.start : rows.stop])
+    return Linear(raw, int(ref.qtype), bias)
+
+
+def norm(store: WeightStore, name: str, shift: float = 0.0) -> np.ndarray:
+    w = store.f32(f"{name}.weight")
+    return w + np.float32(shift) if shift else w
+
+
+# ---- workspace -----------------------------------------------------------------------
+
+
+class Workspace:
+    """Every activation buffer of the forward, allocated once for `max_tokens` rows."""
+
+    def __init__(self, a: ModelArgs, shard: Shard, max_tokens: int, context: int):
+        hq = len(shard.kv) * (a.n_heads // a.n_kv_heads)
+        hkv = len(shard.kv)
+        ff = max(len(shard.ffn), len(shard.expert_ffn))
+        T = max_tokens
+        f32 = np.float32
+        self.max_tokens = T
+        self.x = np.zeros((T, a.dim), f32)  # residual stream
+        self.h = np.zeros((T, a.dim), f32)  # normed input of a block
+        self.out = np.zeros((T, a.dim), f32)  # a block's (partial) output
+        self.q = np.zeros((T, hq * a.head_dim), f32)
+        self.k = np.zeros((T, hkv * a.head_dim), f32)
+        self.v = np.zeros((T, hkv * a.head_dim), f32)
+        self.att = np.zeros((T, hq * a.head_dim), f32)
+        self.gate = np.zeros((T, ff), f32)
+        self.up = np.zeros((T, ff), f32)
+        self.logits = np.zeros((1, a.vocab_size), f32)
+        if a.n_experts:
+            self.router = np.zeros((T, a.n_experts), f32)
+            self.sel = np.zeros((T, a.n_experts_used), np.int32)
+            self.sel_w = np.zeros((T, a.n_experts_used), f32)
+            self.eh = np.zeros((T, a.dim), f32)
+            self.eo = np.zeros((T, a.dim), f32)
+        self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
+        self.scores = np.zeros((nb.config.NUMBA_NUM_THREADS, context), f32)  # attention_f16 rows
+
+
+def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarray | None = None):
+    half = a.n_rot // 2
+    cos = np.empty((max_len, half), np.float32)
+    sin = np.empty((max_len, half), np.float32)
+    ff = np.ones(half, np.float64) if freq_factors is None else freq_factors.astype(np.float64)
+    K.rope_table(cos, sin, base, a.n_rot, ff, a.rope_scale)
+    return cos, sin
+
+
+# ---- blocks --------------------------------------------------------------------------
+
+
+def project(ws: Workspace, out: np.ndarray, x: np.ndarray, lin: Linear) -> None:
+    matmul(out, x, lin.w, lin.qtype, ws.scratch)
+    if lin.bias is not None:
+        out += lin.bias
+
+
+def attention_block(
+    ws: Workspace,
+    a: ModelArgs,
+    L,
+    cache,
+    pos: int,
+    T: int,
+    rope: tuple[np.ndarray, np.ndarray],
+    window: int = 0,
+) -> np.ndarray:
+    """ws.h[:T] -> partial attention output in ws.out[:T]. L has wq, wk, wv, wo, q_norm, k_norm."""
+    h = ws.h[:T]
+    hd = a.head_dim
+    q, k, v = ws.q[:T], ws.k[:T], ws.v[:T]
+    project(ws, q, h, L.wq)
+    project(ws, k, h, L.wk)
+    project(ws, v, h, L.wv)
+    q3 = q.reshape(T, -1, hd)  # (T, Hq, D)
+    k3 = k.reshape(T, -1, hd)  # (T, Hkv, D)
+    if L.q_norm is not None:  # qwen3, gemma3: RMSNorm over each head
+        K.rmsnorm(q.reshape(-1, hd), q.reshape(-1, hd), L.q_norm, a.norm_eps)
+        K.rmsnorm(k.reshape(-1, hd), k.reshape(-1, hd), L.k_norm, a.norm_eps)
+    K.rope(q3, rope[0], rope[1], pos, a.rope_neox)
+    K.rope(k3, rope[0], rope[1], pos, a.rope_neox)
+    keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
+    att = ws.att[:T].reshape(T, -1, hd)  # (T, Hq, D)
+    if keys.dtype == np.float16:
+        K.attention_f16(
+            att,
+            q3,
+            keys.view(np.uint16),
+            values.view(np.uint16),
+            pos,
+            a.q_scale,
+            window,
+            a.attn_softcap,
+            ws.scores,
+            K.F16_TABLE,
+        )
+    else:
+        K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
+    att = ws.att[:T]
+    project(ws, ws.out[:T], att, L.wo)
+    return ws.out[:T]
+
+
+def ffn_block(ws: Workspace, L, T: int, act=K.silu_mul) -> np.ndarray:
+    """Gated FFN over the shard's columns: ws.h[:T] -> partial output in ws.out[:T]."""
+    h = ws.h[:T]
+    gate, up = ws.gate[:T, : L.gate.w.shape[0]], ws.up[:T, : L.up.w.shape[0]]
+    project(ws, gate, h, L.gate)
+    project(ws, up, h, L.up)
+    act(gate, up)
+    project(ws, ws.out[:T], gate, L.down)
+    return ws.out[:T]
+
+
+@nb.njit(cache=True)
+def route(logits, k, renorm, sel, sel_w):
+    """Softmax over experts, keep the top k per token; optionally renormalise their weights."""
+    T, E = logits.shape
+    for t in range(T):
+        m = logits[t].max()
+        p = np.exp(logits[t] - m)
+        p /= p.sum()
+        order = np.argsort(-p, kind="mergesort")  # stable: ties go to the lower expert id
+        s = 0.0
+        for j in range(k):
+            sel[t, j] = order[j]
+            sel_w[t, j] = p[order[j]]
+            s += p[order[j]]
+        if renorm:
+            for j in range(k):
+                sel_w[t, j] /= s
+
+
+def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.silu_mul) -> np.ndarray:
+    """Route each token to its top-k experts; sum the shard's experts into ws.out[:T]."""
+    h = ws.h[:T]
+    out = ws.out[:T]
+    out[:] = 0.0
+    project(ws, ws.router[:T], h, L.router)
+    sel, sel_w = ws.sel[:T], ws.sel_w[:T]
+    route(ws.router[:T], a.n_experts_used, a.norm_topk, sel, sel_w)
+    for e in np.unique(sel):
+        ex = L.experts.get(int(e))
+        if ex is None:  # another device's expert
+            continue
+        rows, slot = np.nonzero(sel == e)
+        n = len(rows)
+        eh, eo = ws.eh[:n], ws.eo[:n]
+        np.take(h, rows, axis=0, out=eh)
+        gate, up = ws.gate[:n, : ex.gate.w.shape[0]], ws.up[:n, : ex.up.w.shape[0]]
+        project(ws, gate, eh, ex.gate)
+        project(ws, up, eh, ex.up)
+        act(gate, up)
+        project(ws, eo, gate, ex.down)
+        out[rows] += eo * sel_w[rows, slot][:, None]
+    return out
+
+
+def embed(ws: Workspace, a: ModelArgs, emb: Linear, tokens: np.ndarray) -> np.ndarray:
+    T = len(tokens)
+    if T > ws.max_tokens:
+        raise ValueError(f"{T} tokens exceed the workspace's {ws.max_tokens}")
+    if tokens.min() < 0 or tokens.max() >= a.vocab_size:
+        raise ValueError(f"token id out of range [0, {a.vocab_size})")
+    x = ws.x[:T]
+    get_rows(x, emb.w, emb.qtype, tokens)
+    if a.embed_scale != 1.0:
+        x *= np.float32(a.embed_scale)
+    return x
+
+
+def head(ws: Workspace, a: ModelArgs, out_norm: np.ndarray, out: Linear, T: int, all_logits: bool):
+    """Final norm and the output projection: logits of the last position, or of all T."""
+    x = ws.x[:T] if all_logits else ws.x[T - 1 : T]
+    hn = ws.h[: len(x)]
+    K.rmsnorm(hn, x, out_norm, a.norm_eps)
+    logits = np.empty((len(x), a.vocab_size), np.float32) if all_logits else ws.logits
+    matmul(logits, hn, out.w, out.qtype, ws.scratch)
+    if a.final_softcap > 0:
+        np.tanh(logits / a.final_softcap, out=logits)
+        logits *= a.final_softcap
+    return logits
+
+
+# ---- loading -------------------------------------------------------------------------
+
+
+class LayerWeights:
+    """One layer's tensors for this shard; absent pieces stay None."""
+
+    attn_norm = wq = wk = wv = wo = q_norm = k_norm = post_attn_norm = None
+    ffn_norm = gate = up = down = post_ffw_norm = router = None
+    experts: dict = {}
+
+
+class Expert(NamedTuple):
+    gate: Linear
+    up: Linear
+    down: Linear
+
+
+def load_attention(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i: int) -> None:
+    group, hd = a.n_heads // a.n_kv_heads, a.head_dim
+    qrows = range(shard.kv.start * group * hd, shard.kv.stop * group * hd)
+    kvrows = range(shard.kv.start * hd, shard.kv.stop * hd)
+    p = f"blk.{i}"
+    L.wq = linear(store, f"{p}.attn_q", rows=qrows)
+    L.wk = linear(store, f"{p}.attn_k", rows=kvrows)
+    L.wv = linear(store, f"{p}.attn_v", rows=kvrows)
+    L.wo = linear(store, f"{p}.attn_output", cols=qrows)
+    if f"{p}.attn_q_norm.weight" in store:
+        L.q_norm = norm(store, f"{p}.attn_q_norm", a.norm_shift)
+        L.k_norm = norm(store, f"{p}.attn_k_norm", a.norm_shift)
+
+
+def load_ffn(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i: int) -> None:
+    p = f"blk.{i}"
+    if a.n_experts:
+        L.router = linear(store, f"{p}.ffn_gate_inp")
+        L.experts = {
+            e: Expert(
+                linear(store, f"{p}.ffn_gate.{e}", rows=shard.expert_ffn),
+                linear(store, f"{p}.ffn_up.{e}", rows=shard.expert_ffn),
+                linear(store, f"{p}.ffn_down.{e}", cols=shard.expert_ffn),
+            )
+            for e in shard.experts
+        }
+    else:
+        L.gate = linear(store, f"{p}.ffn_gate", rows=shard.ffn)
+        L.up = linear(store, f"{p}.ffn_up", rows=shard.ffn)
+        L.down = linear(store, f"{p}.ffn_down", cols=shard.ffn)
+
+
+class Identity:
+    """The communicator of a single device: the sum over one shard is the shard's output."""
+
+    def allreduce(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class Transformer:
+    """What every architecture shares: embedding, output head, layers, workspace, caches.
+
+    Each architecture file subclasses this with its own `load_layer` and its own forward
+    (`__call__`), so that each forward reads top to bottom in its model's file.
+    """
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        store: WeightStore,
+        context: int,
+        shard: Shard | None = None,
+        comm=None,
+        max_tokens: int = 64,
+        kv_dtype=np.float16,
+    ):
+        self.args = a = args
+        self.kv_dtype = kv_dtype
+        self.store = store
+        self.context = context
+        self.shard = shard or Shard.full(a)
+        self.comm = comm or Identity()
+        self.embed = linear(store, "token_embd")
+        self.out_norm = norm(store, "output_norm", a.norm_shift)
+        self.output = linear(store, "output") if "output.weight" in store else self.embed
+        self.layers = [self.load_layer(store, i) for i in range(a.n_layers)]
+        factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
+        self.rope = rope_tables(a, context, a.rope_base, factors)
+        self.ws = Workspace(a, self.shard, max_tokens, context)
+
+    def load_layer(self, store: WeightStore, i: int) -> LayerWeights:
+        raise NotImplementedError
+
+    def make_cache(self):
+        n_kv, hd = len(self.shard.kv), self.args.head_dim
+        return [KVCache(n_kv, hd, self.context, self.kv_dtype) for _ in self.layers]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.ws.max_tokens

@@ -1,0 +1,135 @@
+"""The weight catalog: tensor references (file, byte range, block type, shape) and their bytes.
+
+A model is a catalog of `TensorRef`s; nothing is read when it is built. `WeightStore.raw`
+maps a tensor's bytes (read-only, zero copy) as a 2-D uint8 array of whole rows, the form
+every kernel takes. GGUF files and HF safetensors files give the same kind of catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from edgert.errors import FormatError, UnsupportedError
+from edgert.gguf import GGUFFile
+from edgert.quant.formats import QType, dequantize, row_nbytes
+
+_ST_DTYPES = {"F32": QType.F32, "F16": QType.F16, "BF16": QType.BF16}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor's bytes on disk. `shape` is numpy order (..., rows, row_length)."""
+
+    name: str
+    path: Path
+    offset: int
+    nbytes: int
+    qtype: QType
+    shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return row_nbytes(self.qtype, self.shape[-1])
+
+    @property
+    def n_rows(self) -> int:
+        return self.nbytes // self.row_bytes
+
+    def rows(self, start: int, stop: int, name: str | None = None) -> TensorRef:
+        """Rows [start, stop) of the flattened (rows, row_length) view: a contiguous byte range."""
+        rb = self.row_bytes
+        return replace(
+            self,
+            name=name or self.name,
+            offset=self.offset + start * rb,
+            nbytes=(stop - start) * rb,
+            shape=(stop - start, self.shape[-1]),
+        )
+
+    def split(self, name_fmt: str) -> list[TensorRef]:
+        """A stacked 3-D tensor (n, rows, cols) as n 2-D refs, e.g. one per MoE expert."""
+        n, r = self.shape[0], self.shape[1]
+        return [self.rows(e * r, (e + 1) * r, name_fmt.format(e)) for e in range(n)]
+
+
+class WeightStore:
+    """Maps tensor names to refs, and refs to bytes (one read-only mapping per file)."""
+
+    def __init__(self, refs: dict[str, TensorRef]):
+        self.refs = refs
+        self._maps: dict[Path, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.refs
+
+    def ref(self, name: str) -> TensorRef:
+        try:
+            return self.refs[name]
+        except KeyError:
+            raise FormatError(f"model is missing tensor {name!r}") from None
+
+    def raw(self, ref: TensorRef | str) -> np.ndarray:
+        """The tensor as uint8 [rows, row_bytes], a zero-copy view of the file."""
+        ref = self.ref(ref) if isinstance(ref, str) else ref
+        mm = self._maps.get(ref.path)
+        if mm is None:
+            mm = self._maps[ref.path] = np.memmap(ref.path, dtype=np.uint8, mode="r")
+        if ref.offset + ref.nbytes > mm.shape[0]:
+            raise FormatError(f"{ref.path}: file is truncated (tensor {ref.name!r}); re-download it")
+        return mm[ref.offset : ref.offset + ref.nbytes].reshape(-1, ref.row_bytes)
+
+    def f32(self, name: str) -> np.ndarray:
+        """A small tensor (norm weights, biases) dequantized into its own float32 array."""
+        ref = self.ref(name)
+        return np.ascontiguousarray(dequantize(self.raw(ref), ref.qtype, ref.shape), dtype=np.float32)
+
+    def nbytes(self, prefix: str = "") -> int:
+        return sum(r.nbytes for n, r in self.refs.items() if n.startswith(prefix))
+
+
+def gguf_catalog(gf: GGUFFile) -> dict[str, TensorRef]:
+    return {
+        t.name: TensorRef(t.name, gf.path, t.offset, t.nbytes, t.qtype, t.shape) for t in gf.tensors.values()
+    }
+
+
+def safetensors_catalog(path: str | os.PathLike) -> dict[str, TensorRef]:
+    """Parse a .safetensors header (8-byte length + JSON) into refs; reads no tensor data."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 1 << 28):
+            raise FormatError(f"{path}: corrupt safetensors header (length {n:,})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"{path}: corrupt safetensors header ({e})") from None
+    base = 8 + n
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if dtype not in _ST_DTYPES:
+            raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype}; edgert reads F32, F16, BF16")
+        qtype = _ST_DTYPES[dtype]
+        expect = int(np.prod(shape, dtype=np.int64)) * (4 if qtype == QType.F32 else 2)
+        if end - begin != expect:
+            raise FormatError(f"{path}: tensor {name!r} has {end - begin} bytes, expected {expect}")
+        if base + end > size:
+            raise FormatError(f"{path}: file is truncated (tensor {name!r} ends past the end of the file)")
+        refs[name] = TensorRef(name, path, base + begin, end - begin, qtype, shape or (1,))
+    return refs

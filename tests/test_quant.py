@@ -1,0 +1,213 @@
+"""Block formats against gguf-py, and the numba kernels against the numpy reference."""
+
+import gguf
+import numpy as np
+import pytest
+from edgert.quant import formats as F
+from edgert.quant import kernels as K
+from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
+from gguf import quants as gq
+
+from edgert.errors import FormatError, UnsupportedError
+
+ALL = list(QType)
+GGUF_DEQUANT = [q for q in ALL if q not in (QType.Q8_1, QType.Q8_K)]  # gguf-py lacks these two
+WRITABLE = [QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1]
+MATMUL = [q for q in ALL if q not in (QType.Q8_1, QType.Q8_K)]
+
+# byte offsets of the fp16 scale fields, overwritten with finite values in random blocks
+_F16_FIELDS = {
+    QType.Q4_0: (0,),
+    QType.Q4_1: (0, 2),
+    QType.Q5_0: (0,),
+    QType.Q5_1: (0, 2),
+    QType.Q8_0: (0,),
+    QType.Q8_1: (0, 2),
+    QType.Q4_K: (0, 2),
+    QType.Q5_K: (0, 2),
+    QType.Q6_K: (208,),
+}
+
+
+def random_rows(q: QType, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 [n, row bytes] of random valid blocks: random quant bits, sane finite scales."""
+    nb = n * k // BLOCK_SIZE[q]
+    if q in (QType.F32, QType.F16, QType.BF16):
+        return F.quantize(rng.standard_normal((n, k)).astype(np.float32), q)
+    b = rng.integers(0, 256, (nb, TYPE_SIZE[q]), dtype=np.uint8)
+    for o in _F16_FIELDS.get(q, ()):
+        b[:, o : o + 2] = rng.uniform(-0.05, 0.05, (nb, 1)).astype(np.float16).view(np.uint8)
+    if q == QType.Q8_K:
+        b[:, :4] = rng.uniform(-0.05, 0.05, (nb, 1)).astype(np.float32).view(np.uint8)
+    return b.reshape(n, -1)
+
+
+def gguf_type(q: QType) -> gguf.GGMLQuantizationType:
+    return gguf.GGMLQuantizationType(int(q))
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# ---------------------------------------------------------------- formats vs gguf-py
+
+
+@pytest.mark.parametrize("q", GGUF_DEQUANT, ids=lambda q: q.name)
+def test_dequantize_matches_gguf(q):
+    rng = np.random.default_rng(int(q))
+    raw = random_rows(q, 6, 512, rng)
+    ref = gq.dequantize(raw, gguf_type(q)).astype(np.float32)
+    assert same_bits(F.dequantize(raw, q, (6, 512)), ref)
+    if q in WRITABLE and q not in (QType.F32, QType.F16, QType.BF16):
+        # blocks written by gguf-py's quantizer (includes all-zero blocks)
+        x = rng.standard_normal((4, 256)).astype(np.float32)
+        x[0, :32] = 0
+        raw = gq.quantize(x, gguf_type(q))
+        assert same_bits(F.dequantize(raw, q, x.shape), gq.dequantize(raw, gguf_type(q)))
+
+
+@pytest.mark.parametrize("q", WRITABLE, ids=lambda q: q.name)
+def test_quantize_matches_gguf(q):
+    rng = np.random.default_rng(100 + int(q))
+    x = (rng.standard_normal((8, 256)) * rng.uniform(0.01, 10, (8, 1))).astype(np.float32)
+    x[0, :32] = 0
+    x[1, :32] = 1.0  # ties and constant blocks
+    mine = F.quantize(x, q)
+    assert mine.dtype == np.uint8 and mine.shape == (8, F.row_nbytes(q, 256))
+    assert np.array_equal(mine, gq.quantize(x, gguf_type(q)).view(np.uint8).reshape(mine.shape))
+
+
+def test_q8_1_and_q8_k_round_trip():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    for q, rtol in ((QType.Q8_1, 1 / 127), (QType.Q8_K, 1 / 127)):
+        back = F.dequantize(F.quantize(x, q), q, x.shape)
+        amax = np.abs(x.reshape(-1, BLOCK_SIZE[q])).max(axis=1).repeat(BLOCK_SIZE[q]).reshape(x.shape)
+        assert np.all(np.abs(back - x) <= amax * rtol)
+    raw = F.quantize(x, QType.Q8_K).reshape(-1, TYPE_SIZE[QType.Q8_K])
+    qs = raw[:, 4:260].view(np.int8).astype(np.int16).reshape(-1, 16, 16).sum(-1)
+    assert np.array_equal(raw[:, 260:].copy().view(np.int16), qs)
+
+
+def test_sizes_and_errors():
+    assert F.row_nbytes(QType.Q4_K, 512) == 288 and F.row_nbytes(QType.Q8_0, 64) == 68
+    assert TYPE_SIZE[QType.Q8_1] == 36  # ggml's block_q8_1 {half d, half s, int8 qs[32]}
+    with pytest.raises(FormatError):
+        F.row_nbytes(QType.Q4_0, 33)
+    with pytest.raises(UnsupportedError, match="block type 10 is not supported; supported: F32"):
+        F.dequantize(np.zeros(84, np.uint8), 10, (256,))  # Q2_K
+    with pytest.raises(UnsupportedError):
+        F.quantize(np.zeros(256, np.float32), QType.Q4_K)
+    with pytest.raises(UnsupportedError):
+        K.matmul(np.zeros((1, 1), np.float32), np.zeros((1, 32), np.float32), np.zeros((1, 36), np.uint8), 9,
+                 K.MatmulScratch(1, 32))  # fmt: skip
+
+
+# ---------------------------------------------------------------- numba twins
+
+
+@pytest.mark.parametrize("q", ALL, ids=lambda q: q.name)
+def test_dequantize_rows_and_get_rows(q):
+    rng = np.random.default_rng(200 + int(q))
+    big = random_rows(q, 9, 768, rng)
+    w = big[:, : F.row_nbytes(q, 512)]  # column slice: strided rows
+    ref = F.dequantize(np.ascontiguousarray(w), q, (9, 512))
+    out = np.empty((9, 512), np.float32)
+    K.dequantize_rows(out, w, q)
+    assert same_bits(out, ref)
+    for ids in (np.array([3, 0, 8, 3], np.int32), np.array([7], np.int64)):
+        emb = np.empty((len(ids), 512), np.float32)
+        K.get_rows(emb, w, q, ids)
+        assert same_bits(emb, ref[ids])
+
+
+def test_round_f16_matches_numpy():
+    rng = np.random.default_rng(7)
+    x = np.concatenate(
+        [
+            rng.standard_normal(4000) * 10.0 ** rng.uniform(-9, 5, 4000),
+            [0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e9, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14],
+        ]
+    ).astype(np.float32)
+    x = np.concatenate([x, np.float16(rng.standard_normal(100)).astype(np.float32) * 1.0001])
+    got = np.empty_like(x)
+    K._round_f16_array(x, got)
+    with np.errstate(over="ignore"):  # 1e9 -> inf on purpose
+        ref = x.astype(np.float16).astype(np.float32)
+    assert same_bits(got, ref)
+
+
+# ---------------------------------------------------------------- matmul
+
+
+def act_q8_0(x):
+    """numpy twin of ggml's x86 quantize_row_q8_0/q8_1: (q, d as f32 of fp16, s as f32 of fp16)."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        idl = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(b * idl), -128, 127)
+    s = (d[..., 0] * q.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return q, d[..., 0].astype(np.float16).astype(np.float32), s
+
+
+def act_q8_k(x):
+    """numpy twin of ggml quantize_row_q8_K."""
+    b = x.reshape(x.shape[0], -1, 256)
+    i = np.abs(b).argmax(-1)[..., None]
+    mx = np.take_along_axis(b, i, -1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    return np.minimum(np.rint(iscale * b), 127), d[..., 0]
+
+
+def matmul_reference(x, w, q):
+    """The kernel's semantics in float64: quantized activations times exactly dequantized weights."""
+    W = F.dequantize(np.ascontiguousarray(w), q, (w.shape[0], x.shape[1])).astype(np.float64)
+    if q in (QType.F32, QType.F16, QType.BF16):
+        return x.astype(np.float64) @ W.T
+    if q in (QType.Q4_K, QType.Q5_K, QType.Q6_K):
+        xq, xd = act_q8_k(x)
+        X = (xq * xd[..., None]).reshape(x.shape)
+        return X @ W.T
+    xq, xd, xs = act_q8_0(x)
+    X = (xq * xd[..., None]).reshape(x.shape)
+    out = X @ W.T
+    if q in (QType.Q4_1, QType.Q5_1):
+        # the min term uses s = fp16(d * sum q), as ggml's Q8_1 blocks do
+        m = w.reshape(w.shape[0], -1, TYPE_SIZE[q])[:, :, 2:4].copy().view(np.float16)[..., 0]
+        m = m.astype(np.float64)
+        exact = xd[..., None] * xq.sum(-1)[..., None]  # [T, nb, 1]
+        out += (xs - exact[..., 0]) @ m.T
+    return out
+
+
+@pytest.mark.parametrize("q", MATMUL, ids=lambda q: q.name)
+def test_matmul(q):
+    rng = np.random.default_rng(300 + int(q))
+    N, Kd = 24, 512
+    scratch = K.MatmulScratch(8, 1024)
+    big = random_rows(q, N, 2 * Kd, rng)
+    for T in (1, 7):
+        x = rng.standard_normal((T, Kd)).astype(np.float32)
+        x[0, :256] = 0  # all-zero activation blocks
+        for w in (big[:, : F.row_nbytes(q, Kd)], np.ascontiguousarray(big[:, F.row_nbytes(q, Kd) :])):
+            buf = np.full((T + 2, N), np.nan, np.float32)
+            out = buf[1 : T + 1]  # a row slice of a bigger buffer
+            K.matmul(out, x, w, q, scratch)
+            assert np.isnan(buf[0]).all() and np.isnan(buf[-1]).all()
+            ref = matmul_reference(x, w, q)
+            W = F.dequantize(np.ascontiguousarray(w), q, (N, Kd))
+            scale = np.abs(x) @ np.abs(W).T  # magnitude of the sum, for a relative tolerance
+            np.testing.assert_array_less(np.abs(out - ref), 1e-5 * scale + 1e-30)
+            # against plain f32: each activation is off by at most half a step (amax/254) plus the fp16
+            # rounding of the block scale (amax * 2^-11); weights are exact in both.
+            bs = 256 if q in (QType.Q4_K, QType.Q5_K, QType.Q6_K) else 32
+            amax = np.abs(x.reshape(T, -1, bs)).max(-1).repeat(bs, axis=-1)
+            if q in (QType.F32, QType.F16, QType.BF16):
+                amax = 0 * amax
+            bound = (amax * (1 / 254 + 2.0**-11)) @ np.abs(W).T + 1e-5 * scale
+            np.testing.assert_array_less(np.abs(out - x @ W.T), bound + 1e-30)
