@@ -74,11 +74,15 @@ class Session:
         self.trim(len(self.tokens))
 
     def trim(self, n: int) -> None:
-        """Forget the last n tokens (and their K/V)."""
-        n = min(n, len(self.tokens))
+        """Forget the last n tokens (and their K/V).
+
+        `tokens` is the truth: a forward interrupted (Ctrl-C) after the cache was written but
+        before the tokens were recorded leaves stale entries past it, which this drops too.
+        """
+        keep = len(self.tokens) - min(n, len(self.tokens))
         for c in self.cache:
-            c.trim(n)
-        del self.tokens[len(self.tokens) - n :]
+            c.trim(c.offset - keep)
+        del self.tokens[keep:]
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ids to the cache (in chunks); logits of the last id, or of every id."""
@@ -159,16 +163,18 @@ def stream_generate(
     decoder = tok.stream()
     text, sent = "", 0  # all text so far, and how much of it was yielded
     hold = max((len(s) for s in stop), default=0)
-    last, reason = -1, "length"
+    last, reason, cut = -1, "length", -1
+
+    def find_stop() -> int:
+        return min((i for s in stop if (i := text.find(s, max(0, sent - len(s)))) >= 0), default=-1)
+
     for t in generate_step(session, ids, sampler, max_tokens, repetition_penalty):
         last = t
         if not ignore_eos and t in tok.eos_ids:
             reason = "stop"
             break
         text += decoder.add(t)
-        cut = min((i for s in stop if (i := text.find(s, max(0, sent - len(s)))) >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
+        if (cut := find_stop()) >= 0:
             break
         # hold back a tail that could still become a stop string
         safe = len(text) - hold + 1 if hold else len(text)
@@ -176,8 +182,11 @@ def stream_generate(
             st.peak_rss = peak_rss()
             yield GenerationResponse(text[sent:safe], t, None, st)
             sent = safe
-    else:
+    if cut < 0:
         text += decoder.flush()
+        cut = find_stop()
+    if cut >= 0:
+        text, reason = text[:cut], "stop"
     st.peak_rss = peak_rss()
     yield GenerationResponse(text[sent:], last, reason, st)
 

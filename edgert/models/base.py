@@ -17,6 +17,7 @@ import numpy as np
 
 from edgert import kernels as K
 from edgert.cache import KVCache
+from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, get_rows, matmul
@@ -425,13 +426,6 @@ def load_ffn(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i:
         L.gate = linear(store, f"{p}.ffn_gate", rows=shard.ffn)
         L.up = linear(store, f"{p}.ffn_up", rows=shard.ffn)
         L.down = linear(store, f"{p}.ffn_down", cols=shard.ffn)
-
-
-class Identity:
-    """The communicator of a single device: the sum over one shard is the shard's output."""
-
-    def allreduce(self, x: np.ndarray) -> np.ndarray:
-        return x
 
 
 class Transformer:

@@ -1,0 +1,145 @@
+"""Each numba kernel of edgert/kernels.py (and the router and sampler kernels) against its
+numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert import kernels as K
+from edgert.models.base import route
+from edgert.sample import _candidates, make_sampler
+
+rng = np.random.default_rng(0)
+
+
+def test_rmsnorm():
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    out = np.empty_like(x)
+    K.rmsnorm(out, x, w, 1e-6)
+    np.testing.assert_allclose(out, K.rmsnorm_ref(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    K.rmsnorm(x, x, w, 1e-6)  # in place, as the q/k norms use it
+    np.testing.assert_allclose(x, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize("n_rot", [64, 32])
+def test_rope(neox, n_rot):
+    T, H, D, pos0, base = 6, 3, 64, 37, 10000.0
+    x = rng.standard_normal((T, H, D)).astype(np.float32)
+    cos = np.empty((64, n_rot // 2), np.float32)
+    sin = np.empty_like(cos)
+    K.rope_table(cos, sin, base, n_rot, np.ones(n_rot // 2), 1.0)
+    y = x.copy()
+    K.rope(y, cos, sin, pos0, neox)
+    ref = K.rope_ref(x, pos0, base, n_rot, neox)
+    np.testing.assert_allclose(y, ref, atol=2e-5)  # float32 angles, as ggml computes them
+    np.testing.assert_array_equal(y[..., n_rot:], x[..., n_rot:])
+
+
+def _qkv(T, Hq, Hkv, S, D):
+    q = rng.standard_normal((T, Hq, D)).astype(np.float32)
+    k = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    v = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (5, 0.0), (0, 30.0)])
+def test_attention(window, softcap):
+    q, k, v = _qkv(T=4, Hq=6, Hkv=2, S=20, D=16)
+    out = np.empty_like(q)
+    K.attention(out, q, k, v, 9, 0.25, window, softcap)
+    ref = K.attention_ref(q, k, v, 9, 0.25, window, softcap)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def attention_f16_ref(q, k16, v16, pos0, scale, window):
+    """ggml's non-flash attention over an fp16 cache: fp16(q) . K, softmax, fp16(p) . V."""
+    T, Hq, D = q.shape
+    group = Hq // k16.shape[0]
+    out = np.zeros_like(q)
+    q16 = q.astype(np.float16).astype(np.float32)
+    for t in range(T):
+        p = pos0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        for h in range(Hq):
+            kk = k16[h // group, lo : p + 1].astype(np.float32)
+            s = (kk.astype(np.float64) @ q16[t, h]).astype(np.float32) * np.float32(scale)
+            e = np.exp(s - s.max()).astype(np.float32)
+            w = (e * np.float32(1.0 / e.astype(np.float64).sum())).astype(np.float16).astype(np.float32)
+            out[t, h] = w.astype(np.float64) @ v16[h // group, lo : p + 1].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_attention_f16(window):
+    q, k, v = _qkv(T=3, Hq=4, Hkv=2, S=24, D=32)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    out = np.empty_like(q)
+    scores = np.zeros((2, 24), np.float32)
+    K.attention_f16(
+        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), 12, 0.2, window, 0.0, scores, K.F16_TABLE
+    )
+    # a probability that lands on an fp16 rounding boundary may round the other way
+    np.testing.assert_allclose(out, attention_f16_ref(q, k16, v16, 12, 0.2, window), atol=2e-3)
+    # and against exact attention, the fp16 rounding costs < 1e-2
+    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), 12, 0.2, window, 0.0)
+    np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+def test_gated_activations():
+    g = rng.standard_normal((3, 40)).astype(np.float32) * 3
+    u = rng.standard_normal((3, 40)).astype(np.float32)
+    a = g.copy()
+    K.silu_mul(a, u)
+    np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    b = g.copy()
+    K.gelu_mul(b, u)
+    gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))
+    np.testing.assert_allclose(b, gelu * u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_route(renorm):
+    logits = rng.standard_normal((5, 8)).astype(np.float32)
+    sel = np.zeros((5, 2), np.int32)
+    w = np.zeros((5, 2), np.float32)
+    route(logits, 2, renorm, sel, w)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(sel, top)
+    want = np.take_along_axis(p, top, -1)
+    if renorm:
+        want /= want.sum(-1, keepdims=True)
+    np.testing.assert_allclose(w, want, rtol=1e-5)
+
+
+def test_sampler_candidates():
+    logits = rng.standard_normal(1000).astype(np.float32) * 3
+    idx, val = np.empty(1000, np.int64), np.empty(1000, np.float64)
+    inv_t = 1 / 0.7
+    n = _candidates(logits, inv_t, 20, 0.05, idx, val)
+    z = (logits.astype(np.float64) - logits.max()) * inv_t
+    keep = np.nonzero(np.exp(z) >= 0.05)[0]
+    keep = keep[np.argsort(-z[keep], kind="stable")][:20]
+    assert n == len(keep)
+    order = np.argsort(idx[:n])  # survivors come in any order; the sampler sorts them
+    np.testing.assert_array_equal(idx[:n][order], np.sort(keep))
+    np.testing.assert_allclose(val[:n][order], z[np.sort(keep)])
+
+
+def test_samplers_are_values():
+    logits = rng.standard_normal(500).astype(np.float32)
+    assert make_sampler()(logits) == int(logits.argmax())
+    assert make_sampler(0.8, top_k=1, seed=3)(logits) == int(logits.argmax())
+    a = [make_sampler(1.0, seed=7)(logits) for _ in range(3)]
+    s = make_sampler(1.0, seed=7)
+    b = [s(logits) for _ in range(3)]
+    assert a == [b[0]] * 3  # a fresh sampler with the same seed starts the same
+    counts = np.bincount([s(logits) for _ in range(3000)], minlength=500)
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    top = int(p.argmax())
+    assert abs(counts[top] / 3000 - p[top]) < 0.03  # unfiltered sampling follows softmax
