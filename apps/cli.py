@@ -56,7 +56,10 @@ def _progress():
 
 def _load(model: str, ctx: int, threads: int | None):
     import edgert
+    from edgert.jit import kernels_cached
 
+    if not kernels_cached():
+        typer.echo("compiling edgert's kernels (once, after an install; about a minute)...", err=True)
     return edgert.load(model, context=ctx, threads=threads, cache_dir=_cache_dir(), progress=_progress())
 
 

@@ -166,22 +166,23 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
                     o[d] += w * table[v[kv, j, d]]
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+# The gated activations run on one thread: a few thousand exps cost less than waking others.
+@nb.njit(cache=True, fastmath=True)
 def silu_mul(gate, up):
     """gate <- silu(gate) * up, in place (SwiGLU)."""
     T, n = gate.shape
     for t in range(T):
-        for i in prange(n):
+        for i in range(n):
             g = gate[t, i]
             gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, fastmath=True)
 def gelu_mul(gate, up):
     """gate <- gelu_tanh(gate) * up, in place (GeGLU, gemma)."""
     T, n = gate.shape
     for t in range(T):
-        for i in prange(n):
+        for i in range(n):
             g = gate[t, i]
             gate[t, i] = (
                 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * up[t, i]

@@ -228,8 +228,10 @@ class Workspace:
             self.router = np.zeros((T, a.n_experts), f32)
             self.sel = np.zeros((T, a.n_experts_used), np.int32)
             self.sel_w = np.zeros((T, a.n_experts_used), f32)
-            self.eh = np.zeros((T, a.dim), f32)
-            self.eo = np.zeros((T, a.dim), f32)
+            self.eh = np.zeros((T * a.n_experts_used, a.dim), f32)
+            self.eo = np.zeros((T * a.n_experts_used, a.dim), f32)
+            self.offsets = np.zeros(a.n_experts + 1, np.int64)
+            self.order = np.zeros(T * a.n_experts_used, np.int64)
         self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
         self.scores = np.zeros((nb.config.NUMBA_NUM_THREADS, context), f32)  # attention_f16 rows
 
@@ -315,41 +317,84 @@ def route(logits, k, renorm, sel, sel_w):
     T, E = logits.shape
     for t in range(T):
         m = logits[t].max()
-        p = np.exp(logits[t] - m)
-        p /= p.sum()
-        order = np.argsort(-p, kind="mergesort")  # stable: ties go to the lower expert id
-        s = 0.0
-        for j in range(k):
-            sel[t, j] = order[j]
-            sel_w[t, j] = p[order[j]]
-            s += p[order[j]]
+        total = 0.0
+        for e in range(E):
+            total += math.exp(logits[t, e] - m)
+        chosen = 0.0
+        for j in range(k):  # selection by repeated arg-max: k is small; ties go to the lower id
+            best, bp = -1, -1.0
+            for e in range(E):
+                p = math.exp(logits[t, e] - m) / total
+                taken = False
+                for i in range(j):
+                    taken |= sel[t, i] == e
+                if not taken and p > bp:
+                    best, bp = e, p
+            sel[t, j] = best
+            sel_w[t, j] = bp
+            chosen += bp
         if renorm:
             for j in range(k):
-                sel_w[t, j] /= s
+                sel_w[t, j] /= chosen
+
+
+@nb.njit(cache=True)
+def group_by_expert(sel, n_experts, offsets, order):
+    """Counting sort of the (token, slot) choices by expert: order[offsets[e]:offsets[e+1]]
+    holds token * k + slot for every choice of expert e."""
+    T, k = sel.shape
+    offsets[:] = 0
+    for t in range(T):
+        for j in range(k):
+            offsets[sel[t, j] + 1] += 1
+    for e in range(n_experts):
+        offsets[e + 1] += offsets[e]
+    fill = offsets[:n_experts].copy()
+    for t in range(T):
+        for j in range(k):
+            e = sel[t, j]
+            order[fill[e]] = t * k + j
+            fill[e] += 1
+
+
+@nb.njit(cache=True)
+def gather_rows(dst, src, picks, k):
+    for i in range(picks.shape[0]):
+        dst[i] = src[picks[i] // k]
+
+
+@nb.njit(cache=True)
+def scatter_add_rows(out, rows, picks, k, weights):
+    """out[token] += weight * rows[i] for each pick i = token * k + slot."""
+    for i in range(picks.shape[0]):
+        t, j = picks[i] // k, picks[i] % k
+        w = weights[t, j]
+        for d in range(out.shape[1]):
+            out[t, d] += w * rows[i, d]
 
 
 def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.silu_mul) -> np.ndarray:
     """Route each token to its top-k experts; sum the shard's experts into ws.out[:T]."""
-    h = ws.h[:T]
-    out = ws.out[:T]
+    h, out, k = ws.h[:T], ws.out[:T], a.n_experts_used
     out[:] = 0.0
     project(ws, ws.router[:T], h, L.router)
     sel, sel_w = ws.sel[:T], ws.sel_w[:T]
-    route(ws.router[:T], a.n_experts_used, a.norm_topk, sel, sel_w)
-    for e in np.unique(sel):
-        ex = L.experts.get(int(e))
-        if ex is None:  # another device's expert
+    route(ws.router[:T], k, a.norm_topk, sel, sel_w)
+    group_by_expert(sel, a.n_experts, ws.offsets, ws.order)
+    for e, ex in L.experts.items():  # this shard's experts
+        lo, hi = ws.offsets[e], ws.offsets[e + 1]
+        if lo == hi:
             continue
-        rows, slot = np.nonzero(sel == e)
-        n = len(rows)
+        picks = ws.order[lo:hi]
+        n = hi - lo
         eh, eo = ws.eh[:n], ws.eo[:n]
-        np.take(h, rows, axis=0, out=eh)
+        gather_rows(eh, h, picks, k)
         gate, up = ws.gate[:n, : ex.gate.w.shape[0]], ws.up[:n, : ex.up.w.shape[0]]
         project(ws, gate, eh, ex.gate)
         project(ws, up, eh, ex.up)
         act(gate, up)
         project(ws, eo, gate, ex.down)
-        out[rows] += eo * sel_w[rows, slot][:, None]
+        scatter_add_rows(out, eo, picks, k, sel_w)
     return out
 
 
