@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgert.apps import plan as plan_cmd
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -223,6 +225,10 @@ def pull(
             )
         return
     typer.echo(str(hub.pull(name, _cache_dir(), _progress())))
+
+
+app.command("plan")(plan_cmd.plan)
+app.command("profile")(plan_cmd.profile)
 
 
 def main() -> None:

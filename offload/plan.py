@@ -1,0 +1,302 @@
+"""The offload plan: a pure function from unit sizes, a budget and a device profile to which
+units stay resident, how deep the prefetch window is, and the predicted time per token.
+
+The budget covers everything the process holds (peak RSS): the runtime's own overhead,
+the KV cache for the full context, the activation workspace, the pinned units, and the
+streamer's prefetch window (`window` slots, each the size of the largest streamed unit).
+
+Decisions, and why:
+- Norms are always resident: a few KiB per layer, and the model keeps float32 copies.
+- An embedding that is not also the output head is never streamed whole: a decode step
+  needs one row of it, which the streamer reads on demand (a row is KiBs). It is pinned
+  only once every other unit is, so that a fully resident plan reads no disk at all.
+  A tied embedding is the output head too, and is read whole every token like any unit.
+- Every dense unit is read once per token, so each pinned byte saves one streamed byte
+  per token, whichever unit it belongs to. The units larger than the slot must be pinned,
+  so the planner tries every slot size (each distinct unit size) and keeps the one that
+  streams the fewest bytes per token; this is what pins a big output head first, since
+  pinning it shrinks every slot to the size of a layer block. The rest of the budget
+  pins whole layers in order (layer 0 first): a run of resident layers is the draft model
+  of self-speculative decoding, which then reads no disk, and the streamed units stay one
+  contiguous run of layers; whatever is left pins the largest units that still fit.
+- MoE experts are read with probability n_experts_used / n_experts per token (uniform
+  routing; the expert cache does better), so a pinned expert byte saves less than a
+  dense one: experts are pinned after every dense unit.
+- The window is at least 2 slots (one being computed on, one being filled) whenever any
+  unit streams; leftover budget deepens it up to MAX_WINDOW, which absorbs disk jitter.
+- Seconds per token = max(disk, memory, compute), since the window overlaps reading with
+  computing: disk = streamed bytes / disk bandwidth; memory = (weights read + streamed
+  bytes written + the KV cache read at the end of the context) / memory bandwidth;
+  compute = weights read / the kernels' weight throughput.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from edgert.offload.memory import ZERO, Memory
+from edgert.offload.profile import DeviceProfile
+from edgert.offload.units import Unit, units
+
+from edgert.errors import BudgetError
+from edgert.models.base import ModelArgs, Shard
+from edgert.weights import WeightStore
+
+MIN_WINDOW = 2
+MAX_WINDOW = 8
+# Measured RSS of this runtime minus the model file's resident pages, the KV cache and the
+# workspace, after loading and decoding 8 tokens at context 64 (Python 3.11, numpy, numba
+# 0.61 with edgert's cached kernels, x86-64): 173 MiB for SmolLM2-135M (49k-token vocab),
+# 211 MiB for gemma-3-270m (262k), 224 MiB for qwen2.5-coder-0.5b (151k). The tokenizer
+# and GGUF metadata are most of the spread. Rounded up to leave ~7% headroom.
+DEFAULT_OVERHEAD = Memory(240 << 20)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which units are pinned, which stream, and what that costs per token."""
+
+    budget: Memory
+    minimum: Memory  # the smallest budget that can run this model at this context
+    context: int
+    profile: str
+    pinned: tuple[str, ...]  # unit names, resident for the whole run
+    streamed: tuple[str, ...]  # unit names read through the window every token
+    on_demand: tuple[str, ...]  # units read a row at a time (an untied embedding)
+    window: int  # prefetch depth in slots; 0 when nothing streams
+    slot: Memory  # one slot: the largest streamed unit
+    pinned_bytes: Memory  # includes the norms
+    weight_bytes: Memory  # all units
+    streamed_per_token: Memory  # expected disk reads per decode step
+    read_per_token: Memory  # expected weight bytes a decode step reads from memory
+    kv: Memory  # KV cache for the full context
+    workspace: Memory
+    overhead: Memory
+    used: Memory  # overhead + kv + workspace + pinned + window * slot <= budget
+    seconds_per_token: float
+    bottleneck: str  # "disk" | "memory" | "compute"
+    seconds: dict  # {"disk": s, "memory": s, "compute": s}
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1.0 / self.seconds_per_token if self.seconds_per_token > 0 else float("inf")
+
+    @property
+    def window_bytes(self) -> Memory:
+        return self.slot * self.window
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, dict) and set(v) == {"bytes"}:
+                d[k] = v["bytes"]
+            elif isinstance(v, tuple):
+                d[k] = list(v)
+        d["tokens_per_second"] = self.tokens_per_second
+        d["window_bytes"] = self.window_bytes.bytes
+        return d
+
+
+# ---- sizes from the model config ------------------------------------------------------
+
+
+def kv_bytes_per_token(args: ModelArgs, shard: Shard | None = None, itemsize: int = 2) -> int:
+    """K and V of every layer for one position (fp16 by default; every layer keeps the full
+    context, sliding-window layers included, as edgert's KVCache does)."""
+    n_kv = len(shard.kv) if shard else args.n_kv_heads
+    return 2 * args.n_layers * n_kv * args.head_dim * itemsize
+
+
+def workspace_bytes(
+    args: ModelArgs, context: int, max_tokens: int = 64, threads: int = 4, shard: Shard | None = None
+) -> int:
+    """Bytes of the forward's preallocated buffers (edgert.models.base.Workspace) and RoPE
+    tables, computed from the config without allocating them."""
+    a = args
+    shard = shard or Shard.full(a)
+    hq = len(shard.kv) * (a.n_heads // a.n_kv_heads)
+    hkv = len(shard.kv)
+    ff = max(len(shard.ffn), len(shard.expert_ffn))
+    T, f4 = max_tokens, 4
+    n = T * a.dim * 3 * f4  # x, h, out
+    n += T * hq * a.head_dim * 2 * f4  # q, att
+    n += T * hkv * a.head_dim * 2 * f4  # k, v
+    n += T * ff * 2 * f4  # gate, up
+    n += a.vocab_size * f4  # logits
+    if a.n_experts:
+        k = a.n_experts_used
+        n += T * a.n_experts * f4 + T * k * (4 + 4) + 2 * T * k * a.dim * f4
+        n += (a.n_experts + 1) * 8 + T * k * 8
+    max_k = max(a.dim, ff, hq * a.head_dim)
+    nb = max_k // 32 + 1
+    n += T * max_k + 2 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
+    n += threads * max_k * f4  # per-thread decoded rows
+    n += threads * context * f4  # attention scores
+    rope_sets = 2 if a.sliding_window or a.sliding_layers else 1
+    n += rope_sets * 2 * context * (a.n_rot // 2) * f4  # cos, sin
+    return n
+
+
+# ---- the plan -------------------------------------------------------------------------
+
+
+def plan(
+    units: Sequence[Unit],
+    budget: Memory,
+    context: int,
+    kv_bytes_per_token: int,
+    profile: DeviceProfile,
+    overhead: Memory = DEFAULT_OVERHEAD,
+    workspace: Memory = ZERO,
+) -> Plan:
+    """Plan residency for `units` under `budget` (see the module docstring for the rules).
+
+    Raises:
+        BudgetError: the budget is below the minimum working set; the message gives it.
+        ValueError: a non-positive context, or no units.
+    """
+    if context < 1:
+        raise ValueError(f"context must be at least 1 token, not {context}")
+    if not units:
+        raise ValueError("no units to plan")
+    kv = Memory(kv_bytes_per_token * context)
+    always = [u for u in units if u.kind == "norms"]
+    lazy = [u for u in units if u.kind == "embedding" and u.per_token < 1.0]
+    movable = [u for u in units if u.kind != "norms" and not (u.kind == "embedding" and u.per_token < 1.0)]
+    fixed = overhead + kv + workspace + Memory(sum(u.nbytes for u in always))
+
+    best = None  # (streamed per token, used, pinned set, slot)
+    minimum = None
+    for cap in sorted({0, *(u.nbytes for u in movable)}):
+        must = [u for u in movable if u.nbytes > cap]
+        need = fixed + Memory(sum(u.nbytes for u in must)) + Memory(MIN_WINDOW * cap)
+        minimum = need if minimum is None else min(minimum, need)
+        if need > budget:
+            continue
+        pinned = _fill(movable, must, (budget - fixed).bytes - MIN_WINDOW * cap)
+        streamed = [u for u in movable if u not in pinned]
+        slot = max((u.nbytes for u in streamed), default=0)
+        used = fixed + Memory(sum(u.nbytes for u in pinned) + (MIN_WINDOW * slot if streamed else 0))
+        cost = sum(u.token_bytes for u in streamed)
+        if best is None or (cost, used) < (best[0], best[1]):
+            best = (cost, used, pinned, slot)
+    if best is None:
+        raise BudgetError(_below_minimum(budget, minimum, context, overhead, kv, workspace))
+
+    _, used, pinned, slot = best
+    streamed = [u for u in movable if u not in pinned]
+    free = budget - used
+    on_demand = lazy
+    if not streamed and lazy and Memory(sum(u.nbytes for u in lazy)) <= free:
+        pinned = pinned | set(lazy)  # everything else is resident: make the plan read no disk
+        used = used + Memory(sum(u.nbytes for u in lazy))
+        on_demand = []
+    window = 0
+    if streamed:
+        extra = (budget - used) // Memory(slot) if slot else 0
+        window = min(MAX_WINDOW, max(MIN_WINDOW, len(streamed)), MIN_WINDOW + extra)
+        used = used + Memory(slot * (window - MIN_WINDOW))
+
+    streamed_tok = sum(u.token_bytes for u in streamed) + sum(u.token_bytes for u in on_demand)
+    read_tok = sum(u.token_bytes for u in units)
+    seconds = predict(streamed_tok, read_tok, kv_bytes_per_token * context, profile)
+    bottleneck = max(seconds, key=seconds.get)
+    order = {u.name: i for i, u in enumerate(units)}
+    names = lambda us: tuple(sorted((u.name for u in us), key=order.get))  # noqa: E731
+    return Plan(
+        budget=budget,
+        minimum=minimum,
+        context=context,
+        profile=profile.name,
+        pinned=names([*pinned, *always]),
+        streamed=names(streamed),
+        on_demand=names(on_demand),
+        window=window,
+        slot=Memory(slot if streamed else 0),
+        pinned_bytes=Memory(sum(u.nbytes for u in pinned) + sum(u.nbytes for u in always)),
+        weight_bytes=Memory(sum(u.nbytes for u in units)),
+        streamed_per_token=Memory.of(streamed_tok),
+        read_per_token=Memory.of(read_tok),
+        kv=kv,
+        workspace=workspace,
+        overhead=overhead,
+        used=used,
+        seconds_per_token=seconds[bottleneck],
+        bottleneck=bottleneck,
+        seconds=seconds,
+    )
+
+
+def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile) -> dict[str, float]:
+    """Seconds per token each resource needs; the slowest one sets the pace."""
+    return {
+        "disk": streamed / profile.disk_read_bps,
+        "memory": (read + streamed + kv_read) / profile.memory_bps,
+        "compute": read / profile.kernel_bps,
+    }
+
+
+def _fill(movable: list[Unit], must: list[Unit], room: int) -> set[Unit]:
+    """Pin `must`, then whole layers in order, then the largest units that still fit `room`
+    bytes (what the budget leaves once the fixed costs and a 2-slot window are paid)."""
+    pinned = set(must)
+    room -= sum(u.nbytes for u in must)
+    left = [u for u in movable if u not in pinned]
+    layers: dict[int | None, list[Unit]] = {}
+    for u in left:
+        if u.per_token >= 1.0:
+            layers.setdefault(u.layer, []).append(u)
+    groups = [layers.pop(None)] if None in layers else []  # a head or tied embedding
+    groups += [layers[i] for i in sorted(layers)]
+    for g in groups:
+        size = sum(u.nbytes for u in g)
+        if size <= room:
+            pinned.update(g)
+            room -= size
+    rest = sorted(
+        (u for u in left if u not in pinned),
+        key=lambda u: (-u.per_token, -u.nbytes, u.layer or 0, u.expert or 0),
+    )
+    for u in rest:
+        if u.nbytes <= room:
+            pinned.add(u)
+            room -= u.nbytes
+    return pinned
+
+
+def _below_minimum(budget, minimum, context, overhead, kv, workspace) -> str:
+    need_mib = -(-minimum.bytes // (1 << 20))
+    return (
+        f"a memory budget of {budget} is below this model's minimum working set of {need_mib} MiB "
+        f"({minimum.bytes:,} bytes) at context {context}: runtime {overhead}, KV cache {kv}, "
+        f"workspace {workspace}, plus a 2-slot prefetch window and the units too large to stream. "
+        f"Give --memory-budget {need_mib}MiB or more, or a shorter --ctx"
+    )
+
+
+def plan_model(
+    store: WeightStore,
+    args: ModelArgs,
+    budget: Memory,
+    context: int,
+    profile: DeviceProfile,
+    shard: Shard | None = None,
+    overhead: Memory = DEFAULT_OVERHEAD,
+    max_tokens: int = 64,
+) -> Plan:
+    """`plan` for a model catalog: units, KV bytes and workspace computed from the config.
+
+    Raises:
+        BudgetError: the budget is below the minimum working set.
+    """
+    context = min(context, args.context_length)
+    return plan(
+        units(store, args, shard),
+        budget,
+        context,
+        kv_bytes_per_token(args, shard),
+        profile,
+        overhead,
+        Memory(workspace_bytes(args, context, max_tokens, profile.cores, shard)),
+    )
