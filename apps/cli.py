@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from edgert.apps import plan as plan_cmd
 
 app = typer.Typer(
@@ -56,13 +55,21 @@ def _progress():
     return show
 
 
+COMPILE_NOTICE = "compiling edgert's kernels (once, after an install; about a minute)..."
+
+
 def _load(model: str, ctx: int, threads: int | None):
-    import edgert
+    import numba
+
+    from edgert import LLM, loader
     from edgert.jit import kernels_cached
 
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     if not kernels_cached():
-        typer.echo("compiling edgert's kernels (once, after an install; about a minute)...", err=True)
-    return edgert.load(model, context=ctx, threads=threads, cache_dir=_cache_dir(), progress=_progress())
+        typer.echo(COMPILE_NOTICE, err=True)
+    return LLM(src, context=ctx)
 
 
 def _stats_line(st) -> str:
@@ -225,6 +232,11 @@ def pull(
             )
         return
     typer.echo(str(hub.pull(name, _cache_dir(), _progress())))
+
+
+from edgert.apps.bench import bench  # noqa: E402
+
+app.command()(bench)
 
 
 app.command("plan")(plan_cmd.plan)

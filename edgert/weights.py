@@ -8,6 +8,7 @@ every kernel takes. GGUF files and HF safetensors files give the same kind of ca
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, replace
@@ -83,6 +84,21 @@ class WeightStore:
         if ref.offset + ref.nbytes > mm.shape[0]:
             raise FormatError(f"{ref.path}: file is truncated (tensor {ref.name!r}); re-download it")
         return mm[ref.offset : ref.offset + ref.nbytes].reshape(-1, ref.row_bytes)
+
+    def evict(self, ref: TensorRef) -> None:
+        """Tell the OS this process is done with a tensor's mapped pages (they stay in the page
+        cache, but stop counting as ours), so a copy made from them is not held twice."""
+        mm = self._maps.get(ref.path)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = -(-ref.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (ref.offset + ref.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            mm._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def release(self) -> None:
+        """Drop the file mappings (a later `raw` maps the file again)."""
+        self._maps.clear()
 
     def f32(self, name: str) -> np.ndarray:
         """A small tensor (norm weights, biases) dequantized into its own float32 array."""

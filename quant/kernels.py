@@ -2,11 +2,13 @@
 
 `matmul(out, x, w, qtype, scratch)` computes out[T, N] = x[T, K] @ W[N, K]^T with ggml's CPU semantics:
 the activations are first quantized to the weight type's `vec_dot_type` (Q8_0, Q8_1 or Q8_K, with the
-rounding of ggml's x86 `quantize_row_q8_*`). For T = 1 each weight block then contributes an exact
-integer dot product times float scales, as in `ggml_vec_dot_*`; only the order of the float
-accumulation across blocks differs from ggml. For T > 1 each weight row is decoded once and dotted in
-f32 with the decoded q8 activations (q * d, exact in f32): the same sum with one rounding per product.
-Both agree with llama.cpp to float reassociation (about 1e-6 relative).
+rounding of ggml's x86 `quantize_row_q8_*`). Each weight block then contributes an exact integer dot
+product times float scales, as in `ggml_vec_dot_*`, for every activation row alike (prefill equals
+decode); only the order of the float accumulation across blocks differs from ggml, so results agree
+with llama.cpp to float reassociation (about 1e-6 relative).
+
+`w` is either the raw GGUF rows (one fused dequant-and-dot per row, below) or a `PackedWeight` from
+`pack` (pack.py: 16 rows interleaved, AVX512-VNNI kernels, several times faster; use it for models).
 
 Deviation from ggml: F16/BF16 weights are widened to f32 and dotted with f32 activations
 (ggml rounds the activations to f16 first); F32 weights are a plain f32 dot.
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from edgert.quant import pack as _pk
 from edgert.quant.formats import BLOCK_SIZE, QK_K, TYPE_SIZE, QType, as_qtype
+from edgert.quant.pack import PackedWeight, pack  # noqa: F401  (re-exported: the matmul API)
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -165,9 +169,12 @@ class MatmulScratch:
         self.xd = np.zeros((self.max_rows, nb), np.float32)  # per-block scale (f32 value of fp16 or f32)
         self.xs = np.zeros((self.max_rows, nb), np.float32)  # Q8_1 d * sum(q)
         self.bsums = np.zeros((self.max_rows, self.max_k // 16 + 1), np.int32)  # Q8_K sums of 16
-        self.xf = np.zeros((self.max_rows, self.max_k), np.float32)  # decoded activations, T > 1
-        # per-thread decoded weight row for T > 1
-        self.wf = np.zeros((numba.config.NUMBA_NUM_THREADS, self.max_k), np.float32)
+        self.xsum = np.zeros((self.max_rows, nb), np.int32)  # integer sums of 32 (packed weights)
+        self.xq_flat = self.xq.reshape(-1)
+        nt = numba.config.NUMBA_NUM_THREADS
+        self.wf = np.zeros((nt, self.max_k), np.float32)  # per-thread f32 weight row (F16/BF16, T > 1)
+        self.accs = np.zeros((nt, 16 * self.max_rows), np.float32)  # per-thread [T, 16 rows] sums
+        self.isums = np.zeros((nt, 32), np.int32)  # per-thread integer block sums of 16 rows
 
 
 # ---------------------------------------------------------------- block layouts
@@ -195,7 +202,7 @@ def _u32(row, o):
     )
 
 
-# ---------------------------------------------------------------- T = 1: fused dequant-and-dot per row
+# ---------------------------------------------------------------- raw rows: fused dequant-and-dot per row
 
 
 @njit(inline="always")
@@ -358,7 +365,8 @@ def _dot_q6_k(row, xq, xd, nb, c16):
 # ---------------------------------------------------------------- matmul kernels, one per activation type
 
 
-# T = 1: one kernel per weight type, so each inner loop is compiled (and vectorized) on its own.
+# One matvec kernel per weight type, so each inner loop is compiled (and vectorized) on its own;
+# T > 1 runs them once per activation row.
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -409,10 +417,8 @@ def _mv_q6_k(out, w, N, rs, K, xq, xd, xs, bsums, c16):
         out[0, n] = _dot_q6_k(w[n * rs :], xq[0], xd[0], K // QK_K, c16)
 
 
-# T > 1: each weight row is decoded once into per-thread f32 scratch and dotted with the T activation
-# rows (the q8-quantized activations, decoded: q * d is exact in f32), four rows per pass so each
-# weight load feeds four FMAs. Flat dots are what LLVM vectorizes best from numba; the int8 block dots
-# above need a horizontal sum per block. Q4_1/Q5_1 add their block minimum times ggml's s = fp16(d*sum q).
+# Float weights at T > 1: each row is widened once into per-thread scratch and dotted with the T
+# activation rows, four rows per pass so each weight load feeds four FMAs.
 
 
 @njit(inline="always")
@@ -442,30 +448,6 @@ def _dot_rows(out, n, wf, xf, T, K):
             a0 += wf[k] * x0[k]
         out[t, n] = a0
         t += 1
-
-
-@njit(parallel=True, cache=True, fastmath=_FM)
-def _mm_rows(out, w, N, rs, qt, T, K, xf, xs, wf, c16):
-    with_min = qt == 3 or qt == 7
-    for n in prange(N):
-        row = w[n * rs :]
-        buf = wf[numba.get_thread_id(), :K]  # the row is K values; the scratch is max_k long
-        _deq_row(qt, row, buf, c16, False)
-        _dot_rows(out, n, buf, xf, T, K)
-        if with_min:
-            ts = 20 if qt == 3 else 24
-            for t in range(T):
-                acc = np.float32(0)
-                for b in range(K // 32):
-                    acc += _f16(row[b * ts + 2], row[b * ts + 3]) * xs[t, b]
-                out[t, n] += acc
-
-
-@njit(cache=True)
-def _decode_act(xq, xd, T, K, bs, xf):
-    for t in range(T):
-        for k in range(K):
-            xf[t, k] = np.float32(xq[t, k]) * xd[t, k // bs]
 
 
 @njit(inline="always")
@@ -593,6 +575,15 @@ def _get_rows(out, w, rs, qt, ids, c16):
         _deq_row(qt, w[np.int64(ids[i]) * rs :], out[i], c16, True)
 
 
+@njit(parallel=True, cache=True)
+def _get_rows_packed(out, p, qt, nb, rec, ids, tmp, c16):
+    """Rows of a packed weight: rebuild each raw GGUF row in per-thread scratch, then decode it."""
+    for i in prange(ids.shape[0]):
+        buf = tmp[numba.get_thread_id()]
+        _pk._unpack_row(buf, p, np.int64(ids[i]), qt, nb, rec)
+        _deq_row(qt, buf, out[i], c16, True)
+
+
 # ---------------------------------------------------------------- public API
 
 _Q8_0_WEIGHTS = frozenset((QType.Q4_0, QType.Q5_0, QType.Q8_0))
@@ -635,13 +626,25 @@ def _flat_rows(w: np.ndarray, qt: QType, K: int) -> tuple[np.ndarray, int]:
     return np.lib.stride_tricks.as_strided(w, shape=(span,), strides=(1,)), rs
 
 
-def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype: int, scratch: MatmulScratch) -> None:
-    """out[T, N] = x[T, K] @ W[N, K]^T with W stored as GGUF blocks (`w` uint8 [N, row bytes]).
+def matmul(
+    out: np.ndarray, x: np.ndarray, w: np.ndarray | PackedWeight, qtype: int, scratch: MatmulScratch
+) -> None:
+    """out[T, N] = x[T, K] @ W[N, K]^T with W stored as GGUF blocks: raw rows (uint8 [N, row bytes],
+    column slices allowed) or a `pack`ed weight, which runs several times faster.
 
     Activations are quantized into `scratch` as ggml does for the weight type; nothing is allocated.
+    Every activation row gets the same per-block integer arithmetic, so prefill equals decode.
     """
     qt = qtype if type(qtype) is QType else as_qtype(qtype)
     T, K = x.shape
+    packed = None
+    if type(w) is PackedWeight:
+        if w.qtype != qt or w.n_cols != K:
+            raise ValueError(f"matmul: {w!r} used as {qt.name} with x {x.shape}")
+        if w.interleaved:
+            packed = w.data
+        else:
+            w = w.data
     if qt not in _MATMUL_TYPES:
         supported = ", ".join(q.name for q in sorted(_MATMUL_TYPES))
         raise UnsupportedError(f"matmul on block type {qt.name} is not supported; supported: {supported}")
@@ -650,9 +653,19 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype: int, scratch: M
             f"matmul shapes: x {x.shape}, w {w.shape}, out {out.shape}, scratch for "
             f"{scratch.max_rows} rows of {scratch.max_k}"
         )
-    wf, rs = _flat_rows(w, qt, K)
-    N = w.shape[0]
     s = scratch
+    N = w.shape[0]
+    if packed is not None:
+        if qt in _Q8_K_WEIGHTS:
+            _quantize_q8_k(x, s.xq, s.xd, s.bsums)
+            _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd, s.bsums, s.accs, s.isums)
+        else:
+            _quantize_q8_0(x, s.xq, s.xd, s.xs, qt in _Q8_1_WEIGHTS)
+            _pk._block_sums(s.xq, T, K, s.xsum)
+            xq, xk = s.xq_flat, s.max_k
+            _pk._mm_q32(out, packed, N, K, T, int(qt), xq, xk, s.xd, s.xs, s.xsum, s.accs, s.isums)
+        return
+    wf, rs = _flat_rows(w, qt, K)
     if qt in _FLOAT_WEIGHTS:
         _mm_float(out, x, wf, N, rs, int(qt), T, K, s.wf)
         return
@@ -660,11 +673,10 @@ def matmul(out: np.ndarray, x: np.ndarray, w: np.ndarray, qtype: int, scratch: M
         _quantize_q8_k(x, s.xq, s.xd, s.bsums)
     else:
         _quantize_q8_0(x, s.xq, s.xd, s.xs, qt in _Q8_1_WEIGHTS)
-    if T == 1:
-        _MATVEC[qt](out, wf, N, rs, K, s.xq, s.xd, s.xs, s.bsums, 16)
-    else:
-        _decode_act(s.xq, s.xd, T, K, BLOCK_SIZE[qt], s.xf)
-        _mm_rows(out, wf, N, rs, int(qt), T, K, s.xf, s.xs, s.wf, 16)
+    mv = _MATVEC[qt]
+    for t in range(T):  # one matvec per row: the raw layout has no blocked product
+        u = slice(t, t + 1)
+        mv(out[u], wf, N, rs, K, s.xq[u], s.xd[u], s.xs[u], s.bsums[u], 16)
 
 
 def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:
@@ -676,10 +688,22 @@ def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:
     _dequantize_rows(out, wf, rs, int(qt), 16)
 
 
-def get_rows(out: np.ndarray, w: np.ndarray, qtype: int, ids: np.ndarray) -> None:
-    """out[i] = row ids[i] of `w` decoded to float32 (embedding lookup); ids int32 or int64."""
+def get_rows(out: np.ndarray, w: np.ndarray | PackedWeight, qtype: int, ids: np.ndarray) -> None:
+    """out[i] = row ids[i] of `w` decoded to float32 (embedding lookup); ids int32 or int64.
+
+    `w` may be packed, so a tied embedding / output matrix is held once, in the fast layout.
+    """
     qt = as_qtype(qtype)
     if out.shape[0] != len(ids) or (len(ids) and not (0 <= ids.min() and ids.max() < w.shape[0])):
         raise ValueError(f"get_rows: out {out.shape}, ids in [{ids.min()}, {ids.max()}] of {w.shape[0]} rows")
+    if type(w) is PackedWeight:
+        if w.qtype != qt or w.n_cols != out.shape[1]:
+            raise ValueError(f"get_rows: {w!r} read as {qt.name} rows of {out.shape[1]}")
+        if w.interleaved:
+            tmp = np.empty((numba.config.NUMBA_NUM_THREADS, w.shape[1]), np.uint8)  # a few KB
+            nb = w.n_cols // BLOCK_SIZE[qt]
+            _get_rows_packed(out, w.data, int(qt), nb, _pk._REC[qt], ids, tmp, 16)
+            return
+        w = w.data
     wf, rs = _flat_rows(w, qt, out.shape[1])
     _get_rows(out, wf, rs, int(qt), ids, 16)

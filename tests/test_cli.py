@@ -30,7 +30,9 @@ def edgert(*args, stdin=None, timeout=300, env=None):
 
 
 def assert_clean_error(r, *needles, code=None):
-    lines = r.stderr.strip().splitlines()
+    from edgert.apps.cli import COMPILE_NOTICE
+
+    lines = [x for x in r.stderr.strip().splitlines() if x != COMPILE_NOTICE]
     assert r.returncode != 0 and (code is None or r.returncode == code), (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr

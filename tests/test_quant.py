@@ -6,6 +6,7 @@ import pytest
 from edgert.quant import formats as F
 from edgert.quant import kernels as K
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
+from edgert.quant.pack import unpack
 from gguf import quants as gq
 
 from edgert.errors import FormatError, UnsupportedError
@@ -211,3 +212,57 @@ def test_matmul(q):
                 amax = 0 * amax
             bound = (amax * (1 / 254 + 2.0**-11)) @ np.abs(W).T + 1e-5 * scale
             np.testing.assert_array_less(np.abs(out - x @ W.T), bound + 1e-30)
+
+
+@pytest.mark.parametrize("q", MATMUL, ids=lambda q: q.name)
+def test_packed_matmul(q):
+    """`pack`ed weights: same results as the raw rows (to float reassociation), N not a multiple of the
+    16-row group, a strided source, and prefill rows bit-equal to one-row decode calls."""
+    rng = np.random.default_rng(400 + int(q))
+    N, Kd = 37, 512
+    scratch = K.MatmulScratch(8, 1024)
+    big = random_rows(q, N, 2 * Kd, rng)
+    w = big[:, : F.row_nbytes(q, Kd)]  # strided rows
+    P = K.pack(w, q)
+    assert (P.qtype, P.n_rows, P.n_cols, P.shape) == (q, N, Kd, w.shape)
+    group_bytes = 48 * F.row_nbytes(q, Kd)  # 37 rows padded to 3 groups of 16
+    assert P.nbytes <= max(1.03 * group_bytes, w.nbytes)
+    W = F.dequantize(np.ascontiguousarray(w), q, (N, Kd))
+    x = rng.standard_normal((7, Kd)).astype(np.float32)
+    x[0, :256] = 0
+    ref = matmul_reference(x, w, q)
+    scale = np.abs(x) @ np.abs(W).T
+    for wt in (P, w):
+        out = np.full((7, N), np.nan, np.float32)
+        K.matmul(out, x, wt, q, scratch)
+        np.testing.assert_array_less(np.abs(out - ref), 1e-5 * scale + 1e-30)
+        for t in range(7):  # decode == prefill, bit for bit
+            one = np.empty((1, N), np.float32)
+            K.matmul(one, x[t : t + 1], wt, q, scratch)
+            assert same_bits(one, out[t : t + 1])
+
+
+@pytest.mark.parametrize("q", ALL, ids=lambda q: q.name)
+def test_pack_round_trip_and_get_rows(q):
+    """unpack(pack(w)) gives back every byte (random bits everywhere), and get_rows reads packed rows."""
+    rng = np.random.default_rng(500 + int(q))
+    w = rng.integers(0, 256, (37, F.row_nbytes(q, 512)), dtype=np.uint8)
+    P = K.pack(w, q)
+    assert np.array_equal(unpack(P), w)
+    w = random_rows(q, 37, 512, rng)
+    P = K.pack(w, q)
+    ids = np.array([36, 0, 17, 16, 36], np.int64)
+    got, ref = np.empty((5, 512), np.float32), np.empty((5, 512), np.float32)
+    K.get_rows(got, P, q, ids)
+    K.get_rows(ref, w, q, ids)
+    assert same_bits(got, ref)
+
+
+def test_pack_errors():
+    w = random_rows(QType.Q4_K, 16, 256, np.random.default_rng(0))
+    P = K.pack(w, QType.Q4_K)
+    x = np.zeros((1, 512), np.float32)  # wrong K for this weight
+    with pytest.raises(ValueError):
+        K.matmul(np.zeros((1, 16), np.float32), x, P, QType.Q4_K, K.MatmulScratch(1, 512))
+    with pytest.raises(ValueError):
+        K.pack(w.view(np.int8), QType.Q4_K)

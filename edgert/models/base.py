@@ -20,7 +20,7 @@ from edgert.cache import KVCache
 from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
-from edgert.quant.kernels import MatmulScratch, get_rows, matmul
+from edgert.quant.kernels import MatmulScratch, PackedWeight, get_rows, matmul, pack
 from edgert.weights import WeightStore
 
 # ---- config --------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class Shard:
 
 
 class Linear(NamedTuple):
-    w: np.ndarray  # uint8 [rows, row_bytes]: whole rows of GGUF blocks (or F32/F16/BF16)
+    w: PackedWeight  # rows of GGUF blocks, repacked once at load for the matmul kernels
     qtype: int
     bias: np.ndarray | None = None
 
@@ -193,7 +193,11 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
         bias = store.f32(f"{name}.bias")
         if rows is not None:
             bias = np.ascontiguousarray(bias[rows.start : rows.stop])
-    return Linear(raw, int(ref.qtype), bias)
+    # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
+    # mapping is dropped after loading, so no weight is held twice.
+    w = pack(raw, ref.qtype)
+    store.evict(ref)
+    return Linear(w, int(ref.qtype), bias)
 
 
 def norm(store: WeightStore, name: str, shift: float = 0.0) -> np.ndarray:
@@ -503,6 +507,7 @@ class Transformer:
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
+        store.release()  # every tensor now lives in the model: unmap the files
 
     def load_layer(self, store: WeightStore, i: int) -> LayerWeights:
         raise NotImplementedError
