@@ -117,53 +117,84 @@ def attention(out, q, k, v, pos0, scale, window, softcap):
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-@nb.njit(cache=True, parallel=True)
+# reassoc lets LLVM split the dot products into SIMD partial sums, as ggml's own f16 dot does.
+@nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
     """attention() over an fp16 cache (k, v: uint16 bits [Hkv, S, D]), with ggml's arithmetic.
 
     llama.cpp without flash attention computes softmax(K . fp16(q) * scale) and multiplies
     the probabilities, rounded to fp16, by V; each product is summed in float32. Doing the
     same rounding here keeps edgert's logits within float noise of llama.cpp's.
-    scores: float32 [n_chunks, S] scratch, one row per parallel chunk.
+
+    Work items are (kv head, block of query tokens): each K or V row is converted from fp16
+    once per item and reused by every query head of the group and every token of the block,
+    so the inner loops are contiguous float32 dots and axpys.
+    scores: float32 scratch [>= T * Hq, S]; rows[D] scratch per item lives in `scores` too.
     """
     T, Hq, D = q.shape
-    group = Hq // k.shape[0]
-    n = T * Hq
-    chunks = scores.shape[0]
-    per = (n + chunks - 1) // chunks
-    for c in prange(chunks):
-        s = scores[c]
-        for th in range(c * per, min(n, (c + 1) * per)):
-            t, h = th // Hq, th % Hq
-            kv = h // group
+    Hkv = k.shape[0]
+    group = Hq // Hkv
+    S = scores.shape[1]
+    n_blocks = min(T, max(1, 8 // Hkv))  # enough items to keep the threads busy
+    per = (T + n_blocks - 1) // n_blocks
+    for item in prange(Hkv * n_blocks):
+        kv, b = item // n_blocks, item % n_blocks
+        t0, t1 = b * per, min(T, (b + 1) * per)
+        if t0 >= t1:
+            continue
+        lo_all = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
+        hi_all = pos0 + t1  # exclusive
+        row = np.empty(D, np.float32)
+        for t in range(t0, t1):  # q is scratch after RoPE: round it to fp16 in place, once
+            for h in range(kv * group, (kv + 1) * group):
+                for d in range(D):
+                    q[t, h, d] = _round_half(q[t, h, d])
+        for j in range(lo_all, hi_all):
+            for d in range(D):
+                row[d] = table[k[kv, j, d]]
+            for t in range(t0, t1):
+                p = pos0 + t
+                if j > p or (window > 0 and j <= p - window):
+                    continue
+                for h in range(kv * group, (kv + 1) * group):
+                    acc = np.float32(0.0)
+                    for d in range(D):
+                        acc += q[t, h, d] * row[d]
+                    x = acc * np.float32(scale)
+                    if softcap > 0.0:
+                        x = np.float32(softcap * math.tanh(x / softcap))
+                    scores[t * Hq + h, j] = x
+        for t in range(t0, t1):
             p = pos0 + t
             lo = 0 if window <= 0 else max(0, p - window + 1)
-            for d in range(D):  # q is scratch after RoPE: round it in place, once
-                q[t, h, d] = _round_half(q[t, h, d])
-            m = -np.inf
-            for j in range(lo, p + 1):
-                acc = np.float32(0.0)
+            for h in range(kv * group, (kv + 1) * group):
+                s = scores[t * Hq + h]
+                m = np.float32(-np.inf)
+                for j in range(lo, p + 1):
+                    m = max(m, s[j])
+                total = 0.0
+                for j in range(lo, p + 1):
+                    e = np.float32(math.exp(np.float32(s[j] - m)))
+                    s[j] = e
+                    total += e
+                inv = np.float32(1.0 / total)
+                for j in range(lo, p + 1):
+                    s[j] = _round_half(s[j] * inv)
+                o = out[t, h]
                 for d in range(D):
-                    acc += q[t, h, d] * table[k[kv, j, d]]
-                x = acc * np.float32(scale)
-                if softcap > 0.0:
-                    x = np.float32(softcap * math.tanh(x / softcap))
-                s[j] = x
-                m = max(m, x)
-            total = 0.0
-            mf = np.float32(m)
-            for j in range(lo, p + 1):
-                e = np.float32(math.exp(np.float32(s[j] - mf)))
-                s[j] = e
-                total += e
-            inv = np.float32(1.0 / total)
-            o = out[t, h]
+                    o[d] = 0.0
+        for j in range(lo_all, hi_all):
             for d in range(D):
-                o[d] = 0.0
-            for j in range(lo, p + 1):
-                w = _round_half(s[j] * inv)
-                for d in range(D):
-                    o[d] += w * table[v[kv, j, d]]
+                row[d] = table[v[kv, j, d]]
+            for t in range(t0, t1):
+                p = pos0 + t
+                if j > p or (window > 0 and j <= p - window):
+                    continue
+                for h in range(kv * group, (kv + 1) * group):
+                    w = scores[t * Hq + h, j]
+                    o = out[t, h]
+                    for d in range(D):
+                        o[d] += w * row[d]
 
 
 # The gated activations run on one thread: a few thousand exps cost less than waking others.
@@ -187,6 +218,34 @@ def gelu_mul(gate, up):
             gate[t, i] = (
                 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * up[t, i]
             )
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def _silu_mul_rows(gate, up):
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
+
+
+@nb.njit(cache=True, parallel=True, fastmath=True)
+def _gelu_mul_rows(gate, up):
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            gate[t, i] = (
+                0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * up[t, i]
+            )
+
+
+def swiglu(gate, up):
+    """gate <- silu(gate) * up: one thread for a token, all threads for a prompt chunk."""
+    (silu_mul if gate.shape[0] == 1 else _silu_mul_rows)(gate, up)
+
+
+def geglu(gate, up):
+    """gate <- gelu_tanh(gate) * up, as swiglu."""
+    (gelu_mul if gate.shape[0] == 1 else _gelu_mul_rows)(gate, up)
 
 
 # ---- numpy references ------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_attention_f16(window):
     q, k, v = _qkv(T=3, Hq=4, Hkv=2, S=24, D=32)
     k16, v16 = k.astype(np.float16), v.astype(np.float16)
     out = np.empty_like(q)
-    scores = np.zeros((2, 24), np.float32)
+    scores = np.zeros((3 * 4, 24), np.float32)
     K.attention_f16(
         out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), 12, 0.2, window, 0.0, scores, K.F16_TABLE
     )

@@ -237,7 +237,7 @@ class Workspace:
             self.offsets = np.zeros(a.n_experts + 1, np.int64)
             self.order = np.zeros(T * a.n_experts_used, np.int64)
         self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
-        self.scores = np.zeros((nb.config.NUMBA_NUM_THREADS, context), f32)  # attention_f16 rows
+        self.scores = np.zeros((T * hq, context), f32)  # attention_f16: one row per (token, head)
 
 
 def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarray | None = None):
@@ -304,7 +304,7 @@ def attention_block(
     return ws.out[:T]
 
 
-def ffn_block(ws: Workspace, L, T: int, act=K.silu_mul) -> np.ndarray:
+def ffn_block(ws: Workspace, L, T: int, act=K.swiglu) -> np.ndarray:
     """Gated FFN over the shard's columns: ws.h[:T] -> partial output in ws.out[:T]."""
     h = ws.h[:T]
     gate, up = ws.gate[:T, : L.gate.w.shape[0]], ws.up[:T, : L.up.w.shape[0]]
@@ -377,7 +377,7 @@ def scatter_add_rows(out, rows, picks, k, weights):
             out[t, d] += w * rows[i, d]
 
 
-def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.silu_mul) -> np.ndarray:
+def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.swiglu) -> np.ndarray:
     """Route each token to its top-k experts; sum the shard's experts into ws.out[:T]."""
     h, out, k = ws.h[:T], ws.out[:T], a.n_experts_used
     out[:] = 0.0

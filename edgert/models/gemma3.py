@@ -97,7 +97,7 @@ class Model(Transformer):
             K.rmsnorm(y, y, L.post_attn_norm, a.norm_eps)  # the post-norm needs the whole sum
             x += y
             K.rmsnorm(ws.h[:T], x, L.ffn_norm, a.norm_eps)
-            y = self.comm.allreduce(ffn_block(ws, L, T, act=K.gelu_mul))
+            y = self.comm.allreduce(ffn_block(ws, L, T, act=K.geglu))
             K.rmsnorm(y, y, L.post_ffw_norm, a.norm_eps)
             x += y
         return head(ws, a, self.out_norm, self.output, T, all_logits)
