@@ -129,12 +129,11 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
     Work items are (kv head, block of query tokens): each K or V row is converted from fp16
     once per item and reused by every query head of the group and every token of the block,
     so the inner loops are contiguous float32 dots and axpys.
-    scores: float32 scratch [>= T * Hq, S]; rows[D] scratch per item lives in `scores` too.
+    scores: float32 scratch [>= T * Hq, S]. Each item converts rows into a D-float buffer of its own.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[0]
     group = Hq // Hkv
-    S = scores.shape[1]
     n_blocks = min(T, max(1, 8 // Hkv))  # enough items to keep the threads busy
     per = (T + n_blocks - 1) // n_blocks
     for item in prange(Hkv * n_blocks):
