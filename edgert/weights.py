@@ -85,14 +85,18 @@ class WeightStore:
             raise FormatError(f"{ref.path}: file is truncated (tensor {ref.name!r}); re-download it")
         return mm[ref.offset : ref.offset + ref.nbytes].reshape(-1, ref.row_bytes)
 
-    def evict(self, ref: TensorRef) -> None:
-        """Tell the OS this process is done with a tensor's mapped pages (they stay in the page
-        cache, but stop counting as ours), so a copy made from them is not held twice."""
+    def evict(self, ref: TensorRef, rows: tuple[int, int] | None = None) -> None:
+        """Tell the OS this process is done with a tensor's mapped pages (or those of rows
+        [start, stop)): they stay in the page cache but stop counting as ours, so a copy made
+        from them is not held twice."""
         mm = self._maps.get(ref.path)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start = -(-ref.offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        end = (ref.offset + ref.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        lo, hi = ref.offset, ref.offset + ref.nbytes
+        if rows is not None:
+            lo, hi = ref.offset + rows[0] * ref.row_bytes, ref.offset + rows[1] * ref.row_bytes
+        start = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = hi // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
             mm._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 

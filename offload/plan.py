@@ -132,7 +132,7 @@ def workspace_bytes(
     nb = max_k // 32 + 1
     n += T * max_k + 2 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
     n += threads * max_k * f4  # per-thread decoded rows
-    n += threads * context * f4  # attention scores
+    n += T * hq * context * f4  # attention scores, one row per (token, head)
     rope_sets = 2 if a.sliding_window or a.sliding_layers else 1
     n += rope_sets * 2 * context * (a.n_rot // 2) * f4  # cos, sin
     return n

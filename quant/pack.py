@@ -60,23 +60,39 @@ class PackedWeight:
         return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.nbytes} bytes)"
 
 
-def pack(w: np.ndarray, qtype: int) -> PackedWeight:
+def pack(w: np.ndarray, qtype: int, chunk_rows: int = 8192, done=None) -> PackedWeight:
     """Copy raw GGUF rows (uint8 [N, row bytes], possibly a strided view) into the layout `matmul` runs
-    fastest on. Types without a row-interleaved kernel (or CPUs without AVX512-VNNI) keep their rows."""
+    fastest on. Types without a row-interleaved kernel (or CPUs without AVX512-VNNI) keep their rows.
+
+    Rows are packed `chunk_rows` at a time and `done(row_start, row_stop)` is called after each
+    chunk, so a caller packing from a file mapping can release the source pages as it goes and
+    never hold a large tensor twice.
+    """
     qt = as_qtype(qtype)
     if w.ndim != 2 or w.dtype != np.uint8 or w.strides[1] != 1 or w.shape[1] % TYPE_SIZE[qt]:
         raise ValueError(f"pack: need uint8 [N, row bytes] {qt.name} rows, got {w.dtype} {w.shape}")
     N = w.shape[0]
     K = w.shape[1] // TYPE_SIZE[qt] * BLOCK_SIZE[qt]
     if qt not in _REC or not HAVE_VNNI or N == 0:
-        return PackedWeight(np.array(w, order="C"), qt, N, K, False)
+        out = np.empty(w.shape, np.uint8)
+        for r0 in range(0, N, chunk_rows):
+            out[r0 : r0 + chunk_rows] = w[r0 : r0 + chunk_rows]
+            if done is not None:
+                done(r0, min(N, r0 + chunk_rows))
+        return PackedWeight(out, qt, N, K, False)
     nb = K // BLOCK_SIZE[qt]
     ng = (N + G - 1) // G
-    out = np.zeros(ng * nb * _REC[qt], np.uint8)
+    rec = _REC[qt]
+    out = np.zeros(ng * nb * rec, np.uint8)
     rs = w.strides[0]
-    span = (N - 1) * rs + w.shape[1]
-    flat = np.lib.stride_tricks.as_strided(w, shape=(span,), strides=(1,))
-    _pack_rows(out, flat, N, rs, int(qt), nb, _REC[qt])
+    step = max(G, chunk_rows // G * G)  # whole groups per chunk: each group's records are contiguous
+    for r0 in range(0, N, step):
+        sub = w[r0 : min(N, r0 + step)]
+        n = sub.shape[0]
+        flat = np.lib.stride_tricks.as_strided(sub, shape=((n - 1) * rs + sub.shape[1],), strides=(1,))
+        _pack_rows(out[r0 // G * nb * rec :], flat, n, rs, int(qt), nb, rec)
+        if done is not None:
+            done(r0, r0 + n)
     return PackedWeight(out, qt, N, K, True)
 
 

@@ -195,8 +195,11 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
             bias = np.ascontiguousarray(bias[rows.start : rows.stop])
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
-    w = pack(raw, ref.qtype)
-    store.evict(ref)
+    if raw.flags.c_contiguous:  # release the file's pages chunk by chunk as they are packed
+        w = pack(raw, ref.qtype, done=lambda r0, r1: store.evict(ref, (r0, r1)))
+    else:  # a shard's column slice: rows interleave with other shards' bytes
+        w = pack(raw, ref.qtype)
+        store.evict(ref)
     return Linear(w, int(ref.qtype), bias)
 
 
