@@ -37,7 +37,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+def _profiles_dir() -> Path:
+    """The shipped profiles: installed as package data of edgert.profiles (profiles/ in the repo)."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("edgert.profiles")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parent.parent / "profiles"
+
+
+PROFILES_DIR = _profiles_dir()
 _FIGURES = ("ram", "disk_read_per_s", "memory_per_s", "kernel_per_s", "cores")
 
 
