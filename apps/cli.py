@@ -59,13 +59,11 @@ COMPILE_NOTICE = "compiling edgert's kernels (once, after an install; about a mi
 
 
 def _load(model: str, ctx: int, threads: int | None):
-    import numba
-
     from edgert import LLM, loader
+    from edgert.api import set_threads
     from edgert.jit import kernels_cached
 
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(threads)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     if not kernels_cached():
         typer.echo(COMPILE_NOTICE, err=True)

@@ -83,6 +83,12 @@ class LLM:
         self.session.reset()
 
 
+def set_threads(threads: int | None) -> None:
+    """Compute threads for the kernels (None: all cores numba was started with)."""
+    if threads:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
 def load(
     model: str | Path = "smollm2-135m",
     context: int | None = 4096,
@@ -100,7 +106,6 @@ def load(
     Raises:
         FormatError, UnsupportedError, ModelNotFoundError, DownloadError.
     """
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_threads(threads)
     path = loader.resolve(model, cache_dir, progress)
     return LLM(loader.open_source(path), context, max_tokens)

@@ -309,11 +309,16 @@ def _edgert_worker(spec: dict) -> dict:
     return _result(spec, load_s, t_first, tokens, decode_s, prompt_tps)
 
 
-def _llama_worker(spec: dict) -> dict:
-    import llama_cpp
-    import numpy as np
+def no_extra_buffer_types(llama_cpp) -> None:
+    """Load llama.cpp weights without its repacked "extra" buffer types.
 
+    A native build on a CPU that reports AMX uses AMX tiles for Q4/Q8 matmuls; sandboxes that do not
+    grant the tile state kill the process with SIGILL. The plain CPU path computes the same model.
+    (Also used by tests/tools/make_golden.py, which loads this file by path.)
+    """
     low = llama_cpp.llama_cpp
+    if getattr(low.llama_model_default_params, "_edgert_patched", False):
+        return
     default = low.llama_model_default_params
 
     def params():
@@ -321,7 +326,15 @@ def _llama_worker(spec: dict) -> dict:
         p.use_extra_bufts = False
         return p
 
+    params._edgert_patched = True
     low.llama_model_default_params = params
+
+
+def _llama_worker(spec: dict) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    no_extra_buffer_types(llama_cpp)
     t0 = time.monotonic()
     llm = llama_cpp.Llama(
         model_path=spec["model"],

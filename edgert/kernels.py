@@ -117,6 +117,12 @@ def attention(out, q, k, v, pos0, scale, window, softcap):
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
+@nb.njit(inline="always")
+def _sees(p, j, window):
+    """Whether the query at position p attends to cache position j (causal, optional window)."""
+    return j <= p and (window <= 0 or j > p - window)
+
+
 # reassoc lets LLVM split the dot products into SIMD partial sums, as ggml's own f16 dot does.
 @nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
@@ -152,8 +158,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
             for d in range(D):
                 row[d] = table[k[kv, j, d]]
             for t in range(t0, t1):
-                p = pos0 + t
-                if j > p or (window > 0 and j <= p - window):
+                if not _sees(pos0 + t, j, window):
                     continue
                 for h in range(kv * group, (kv + 1) * group):
                     acc = np.float32(0.0)
@@ -186,8 +191,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
             for d in range(D):
                 row[d] = table[v[kv, j, d]]
             for t in range(t0, t1):
-                p = pos0 + t
-                if j > p or (window > 0 and j <= p - window):
+                if not _sees(pos0 + t, j, window):
                     continue
                 for h in range(kv * group, (kv + 1) * group):
                     w = scores[t * Hq + h, j]

@@ -168,7 +168,7 @@ class Shard:
 
 class Linear(NamedTuple):
     w: PackedWeight  # rows of GGUF blocks, repacked once at load for the matmul kernels
-    qtype: int
+    qtype: QType  # a QType, not an int: matmul then skips re-validating it on every call
     bias: np.ndarray | None = None
 
 
@@ -195,12 +195,13 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
             bias = np.ascontiguousarray(bias[rows.start : rows.stop])
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
-    if raw.flags.c_contiguous:  # release the file's pages chunk by chunk as they are packed
-        w = pack(raw, ref.qtype, done=lambda r0, r1: store.evict(ref, (r0, r1)))
-    else:  # a shard's column slice: rows interleave with other shards' bytes
-        w = pack(raw, ref.qtype)
+    # Release the file's pages chunk by chunk as they are packed; a shard's column slice
+    # interleaves with other shards' bytes, so its pages go once the whole slice is packed.
+    contiguous = raw.flags.c_contiguous
+    w = pack(raw, ref.qtype, done=(lambda r0, r1: store.evict(ref, (r0, r1))) if contiguous else None)
+    if not contiguous:
         store.evict(ref)
-    return Linear(w, int(ref.qtype), bias)
+    return Linear(w, ref.qtype, bias)
 
 
 def norm(store: WeightStore, name: str, shift: float = 0.0) -> np.ndarray:
@@ -425,9 +426,10 @@ def head(ws: Workspace, a: ModelArgs, out_norm: np.ndarray, out: Linear, T: int,
     K.rmsnorm(hn, x, out_norm, a.norm_eps)
     logits = np.empty((len(x), a.vocab_size), np.float32) if all_logits else ws.logits
     matmul(logits, hn, out.w, out.qtype, ws.scratch)
-    if a.final_softcap > 0:
-        np.tanh(logits / a.final_softcap, out=logits)
-        logits *= a.final_softcap
+    if a.final_softcap > 0:  # cap * tanh(logits / cap), in place
+        np.divide(logits, np.float32(a.final_softcap), out=logits)
+        np.tanh(logits, out=logits)
+        logits *= np.float32(a.final_softcap)
     return logits
 
 
@@ -439,7 +441,9 @@ class LayerWeights:
 
     attn_norm = wq = wk = wv = wo = q_norm = k_norm = post_attn_norm = None
     ffn_norm = gate = up = down = post_ffw_norm = router = None
-    experts: dict = {}
+
+    def __init__(self):
+        self.experts: dict[int, Expert] = {}  # this shard's experts (MoE layers only)
 
 
 class Expert(NamedTuple):

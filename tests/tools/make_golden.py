@@ -45,6 +45,7 @@ import ctypes
 import hashlib
 import json
 import random
+import runpy
 import sys
 from pathlib import Path
 
@@ -367,23 +368,10 @@ def chat_prompt(llama_cpp, llm, question: str) -> tuple[str, str]:
 
 
 def no_extra_buffer_types(llama_cpp) -> None:
-    """Load weights without llama.cpp's repacked "extra" buffer types.
-
-    A native build on a CPU that reports AMX uses AMX tiles for Q4/Q8 matmuls; sandboxes that do not
-    grant the tile state kill the process with SIGILL. The plain CPU path computes the same model.
-    """
-    low = llama_cpp.llama_cpp
-    if getattr(low.llama_model_default_params, "_edgert_patched", False):
-        return
-    default = low.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    params._edgert_patched = True
-    low.llama_model_default_params = params
+    """llama.cpp without its repacked AMX buffers (SIGILL in sandboxes): edgert/bench.py's one copy,
+    loaded by path because this script's Python need not have edgert installed."""
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[2] / "edgert" / "bench.py"))
+    bench["no_extra_buffer_types"](llama_cpp)
 
 
 def make_model_golden(llama_cpp, key: str, path: Path, out_dir: Path) -> None:
