@@ -28,6 +28,19 @@ TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
 Seed = Annotated[Optional[int], typer.Option("--seed")]  # noqa: UP045
 RepPen = Annotated[float, typer.Option("--repeat-penalty", min=0.0)]
+Budget = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--memory-budget",
+        "-m",
+        help="Everything the process may hold (1.5GiB, 800MB, or 40% of the weights); "
+        "weights that do not fit stream from disk.",
+    ),
+]
+Profile = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--profile", help="Device profile for the memory plan's prediction (name or TOML)."),
+]
 
 
 def _cache_dir() -> Path | None:
@@ -58,24 +71,32 @@ def _progress():
 COMPILE_NOTICE = "compiling edgert's kernels (once, after an install; about a minute)..."
 
 
-def _load(model: str, ctx: int, threads: int | None):
+def _load(model: str, ctx: int, threads: int | None, memory_budget: str | None = None, profile=None):
     from edgert import LLM, loader
     from edgert.api import set_threads
     from edgert.jit import kernels_cached
 
     set_threads(threads)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
+    budget = plan_cmd.parse_budget(memory_budget, src.store.nbytes()) if memory_budget else None
     if not kernels_cached():
         typer.echo(COMPILE_NOTICE, err=True)
-    return LLM(src, context=ctx)
+    return LLM(src, context=ctx, memory_budget=budget, profile=profile)
 
 
 def _stats_line(st) -> str:
-    return (
+    line = (
         f"prompt: {st.prompt_tokens} tok ({st.cached_tokens} cached), {st.prompt_tps:.1f} tok/s | "
         f"decode: {st.generation_tokens} tok, {st.generation_tps:.1f} tok/s | "
         f"TTFT {st.time_to_first_token * 1000:.0f} ms | peak RSS {st.peak_rss / 2**20:.0f} MiB"
     )
+    if st.streamed:
+        pt = st.per_token()
+        line += (
+            f"\nstreaming, per decoded token: {pt['bytes_read'] / 2**20:.1f} MiB read, "
+            f"{pt['compute_s'] * 1000:.0f} ms computing, {pt['io_wait_s'] * 1000:.0f} ms waiting on I/O"
+        )
+    return line
 
 
 @app.command()
@@ -92,9 +113,14 @@ def run(
     ctx: Ctx = 4096,
     threads: Threads = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence.")] = False,
+    memory_budget: Budget = None,
+    profile: Profile = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print the memory plan too.")] = False,
 ) -> None:
     """Complete a prompt. Only the generated text goes to stdout; statistics go to stderr."""
-    llm = _load(model, ctx, threads)
+    llm = _load(model, ctx, threads, memory_budget, profile)
+    if verbose and llm.model.plan is not None:
+        typer.echo(plan_cmd.plan_summary(llm.model.plan), err=True)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     for r in llm.stream(
         prompt, max_tokens=max_tokens, ignore_eos=ignore_eos, repetition_penalty=repeat_penalty, **opts
@@ -118,6 +144,8 @@ def chat(
     repeat_penalty: RepPen = 1.0,
     ctx: Ctx = 4096,
     threads: Threads = None,
+    memory_budget: Budget = None,
+    profile: Profile = None,
 ) -> None:
     """Chat with a model. /reset clears the conversation, /stats shows speed, /exit quits.
 
@@ -125,7 +153,7 @@ def chat(
     """
     import edgert
 
-    llm = _load(model, ctx, threads)
+    llm = _load(model, ctx, threads, memory_budget, profile)
     tty = sys.stdin.isatty()
     opts = dict(
         max_tokens=max_tokens,

@@ -4,38 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-DEFAULT_PROFILE = "laptop-8gb"
 
 
 def _home() -> Path:
     return Path(os.environ.get("EDGERT_HOME") or Path("~/.cache/edgert").expanduser())
 
 
-def _host_profile() -> Path:
-    return _home() / "profiles" / f"{socket.gethostname()}.toml"
-
-
-def _profile(name: str | None):
-    """--profile NAME|PATH; without it, this host's measured profile if `edgert profile` wrote
-    one, else the shipped laptop-8gb profile (a middle-of-the-road edge machine)."""
-    from edgert.offload.profile import load_profile
-
-    if name:
-        return load_profile(name), ""
-    if _host_profile().is_file():
-        return load_profile(_host_profile()), f"this host's measured profile ({_host_profile()})"
-    return load_profile(DEFAULT_PROFILE), (
-        f"the shipped {DEFAULT_PROFILE} profile (run `edgert profile` to measure this machine)"
-    )
-
-
-def _budget(text: str, weights: int):
+def parse_budget(text: str, weights: int):
     from edgert.offload.memory import Memory
 
     text = text.strip()
@@ -70,12 +49,13 @@ def plan(
     else the shipped laptop-8gb profile.
     """
     from edgert.offload.plan import plan_model
+    from edgert.offload.profile import default_profile
 
     from edgert import loader
 
     src = loader.open_source(loader.resolve(model, _home() if os.environ.get("EDGERT_HOME") else None))
-    prof, which = _profile(profile)
-    budget = _budget(memory_budget, src.store.nbytes())
+    prof, which = default_profile(profile)
+    budget = parse_budget(memory_budget, src.store.nbytes())
     p = plan_model(src.store, src.args, budget, ctx, prof)
     if as_json:
         typer.echo(json.dumps({"model": str(src.path), **p.to_dict()}, indent=2))
@@ -112,6 +92,19 @@ def plan(
     )
 
 
+def plan_summary(p) -> str:
+    """Three lines on what a loaded model's plan keeps and streams (for run --verbose)."""
+    s = p.seconds
+    return (
+        f"memory plan: budget {p.budget}, used {p.used} (minimum {p.minimum})\n"
+        f"  pinned {len(p.pinned)} units ({p.pinned_bytes}); streamed {len(p.streamed)} units, "
+        f"{p.streamed_per_token} per token through {p.window} slots of {p.slot}\n"
+        f"  predicted {p.tokens_per_second:.2f} tok/s on {p.profile}, bottleneck {p.bottleneck} "
+        f"(disk {s['disk'] * 1000:.0f} ms, memory {s['memory'] * 1000:.0f} ms, "
+        f"compute {s['compute'] * 1000:.0f} ms)"
+    )
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -140,13 +133,13 @@ def profile(
     ] = None,
 ) -> None:
     """Measure this machine (RAM, disk and memory bandwidth, cores, kernel speed) and save a profile."""
-    from edgert.offload.profile import measure_profile, save_profile
+    from edgert.offload.profile import host_profile_path, measure_profile, save_profile
 
     disk_dir = disk_dir or _home()
     disk_dir.mkdir(parents=True, exist_ok=True)
     typer.echo("measuring disk, memory and kernel throughput (about 10 s)...", err=True)
     p = measure_profile(name, disk_dir)
-    path = save_profile(p, out or _host_profile())
+    path = save_profile(p, out or host_profile_path())
     typer.echo(
         f"{p.name}: RAM {p.ram_bytes / 2**30:.1f} GiB · disk {p.disk_read_bps / 1e6:.0f} MB/s · memory "
         f"{p.memory_bps / 1e9:.1f} GB/s · Q4_K matmul {p.kernel_bps / 1e9:.2f} GB/s · {p.cores} cores"

@@ -15,9 +15,16 @@ from edgert.sample import make_sampler
 class LLM:
     """A loaded model with one conversation's KV cache. Not thread-safe: one call at a time."""
 
-    def __init__(self, source: loader.ModelSource, context: int | None = None, max_tokens: int = 64):
+    def __init__(
+        self,
+        source: loader.ModelSource,
+        context: int | None = None,
+        max_tokens: int = 64,
+        memory_budget: str | int | None = None,
+        profile: str | None = None,
+    ):
         self.source = source
-        self.model = loader.build(source, context, max_tokens=max_tokens)
+        self.model = loader.build(source, context, max_tokens, memory_budget, profile)
         self.tokenizer = source.tokenizer
         self.session = Session(self.model, self.tokenizer)
 
@@ -82,6 +89,16 @@ class LLM:
     def reset(self) -> None:
         self.session.reset()
 
+    def close(self) -> None:
+        """Stop the weight streamer's reader thread and close the model's files."""
+        self.model.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def set_threads(threads: int | None) -> None:
     """Compute threads for the kernels (None: all cores numba was started with)."""
@@ -96,6 +113,8 @@ def load(
     cache_dir: Path | None = None,
     progress=None,
     max_tokens: int = 64,
+    memory_budget: str | int | None = None,
+    profile: str | None = None,
 ) -> LLM:
     """Load a model: a .gguf file, an HF safetensors folder, or a known name (pulled on first use).
 
@@ -103,9 +122,14 @@ def load(
         context: the KV cache's length in tokens (capped at the model's trained context).
         threads: compute threads (default: all cores).
         max_tokens: prompt tokens per forward chunk.
+        memory_budget: everything the process may hold ("1.5GiB", "800MB", bytes); weights
+            that do not fit stream from disk through a prefetch window. None: all resident.
+        profile: the device profile the memory plan predicts speed from (a shipped name or a
+            TOML path; default: this host's measured one, else laptop-8gb).
     Raises:
-        FormatError, UnsupportedError, ModelNotFoundError, DownloadError.
+        FormatError, UnsupportedError, ModelNotFoundError, DownloadError; BudgetError when
+        the budget is below the minimum working set (the message gives the minimum).
     """
     set_threads(threads)
     path = loader.resolve(model, cache_dir, progress)
-    return LLM(loader.open_source(path), context, max_tokens)
+    return LLM(loader.open_source(path), context, max_tokens, memory_budget, profile)

@@ -30,6 +30,12 @@ class Stats:
     generation_seconds: float = 0.0
     time_to_first_token: float = 0.0
     peak_rss: int = 0  # bytes, process high-water mark
+    # weight streaming (a model under a memory budget), over the decode steps
+    streamed: bool = False
+    bytes_read: int = 0  # read from disk
+    io_wait_seconds: float = 0.0  # compute blocked on a read that had not finished
+    read_seconds: float = 0.0  # the reader busy reading (overlaps compute)
+    prompt_bytes_read: int = 0
 
     @property
     def prompt_tps(self) -> float:
@@ -41,6 +47,19 @@ class Stats:
         # the first token comes out of prompt processing; decode speed counts the rest
         n = self.generation_tokens - 1
         return n / self.generation_seconds if n > 0 and self.generation_seconds > 0 else 0.0
+
+    @property
+    def decode_steps(self) -> int:
+        return max(self.generation_tokens - 1, 0)
+
+    def per_token(self) -> dict[str, float]:
+        """Per decode step: seconds computing, seconds waiting on I/O, bytes read."""
+        n = self.decode_steps or 1
+        return {
+            "compute_s": (self.generation_seconds - self.io_wait_seconds) / n,
+            "io_wait_s": self.io_wait_seconds / n,
+            "bytes_read": self.bytes_read / n,
+        }
 
 
 @dataclass
@@ -124,9 +143,14 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield generated token ids; stops at max_tokens or when the context is full."""
     st = session.stats
+    io = session.model.streamer.stats if session.model.streamer is not None else None
+    st.streamed = io is not None
+    io0 = io.snapshot() if io else None
     t0 = time.perf_counter()
     logits = session.prefill(list(prompt_ids))
     st.prompt_seconds = time.perf_counter() - t0
+    if io:
+        st.prompt_bytes_read = io.bytes_read - io0.bytes_read
     history = list(prompt_ids)
     t1 = time.perf_counter()
     for i in range(max_tokens):
@@ -137,6 +161,7 @@ def generate_step(
         if i == 0:
             st.time_to_first_token = time.perf_counter() - t0
             t1 = time.perf_counter()
+            io0 = io.snapshot() if io else None
         st.generation_tokens = i + 1
         history.append(tok)
         yield tok
@@ -144,6 +169,10 @@ def generate_step(
             break
         logits = session.forward([tok])
         st.generation_seconds = time.perf_counter() - t1
+        if io:
+            st.bytes_read = io.bytes_read - io0.bytes_read
+            st.io_wait_seconds = io.wait_seconds - io0.wait_seconds
+            st.read_seconds = io.read_seconds - io0.read_seconds
 
 
 def stream_generate(

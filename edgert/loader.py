@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgert import hub, models
-from edgert.errors import FormatError
+from edgert.errors import BudgetError, FormatError
 from edgert.gguf import GGUFFile
 from edgert.models.base import ModelArgs, Transformer
 from edgert.tokenizer import Tokenizer
@@ -115,7 +115,41 @@ def _hf_refs(hf_name: str, ref: TensorRef, args: ModelArgs) -> list[TensorRef]:
     return out
 
 
-def build(src: ModelSource, context: int | None = None, max_tokens: int = 64, **kw) -> Transformer:
+def build(
+    src: ModelSource,
+    context: int | None = None,
+    max_tokens: int = 64,
+    memory_budget: str | int | None = None,
+    profile: str | None = None,
+    **kw,
+) -> Transformer:
+    """The model, ready to run. With a `memory_budget` ("1.5GiB", bytes, ...), the offload
+    planner decides which units stay resident and the rest stream from disk; `profile`
+    (a shipped profile name or a TOML path) is the device the plan predicts speed for.
+
+    Raises:
+        BudgetError: the budget is below the minimum working set (the message gives it).
+        UnsupportedError: the plan needs something the streamer cannot do yet.
+    """
     module = models.module_for(src.args.arch)
     ctx = min(context or src.args.context_length, src.args.context_length)
-    return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, **kw)
+    plan = None
+    if memory_budget is not None:
+        plan = make_plan(src, memory_budget, ctx, max_tokens, profile)
+        src.store.drop_cache = True  # what is packed leaves the page cache too
+    return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, **kw)
+
+
+def make_plan(
+    src: ModelSource, memory_budget, context: int, max_tokens: int = 64, profile: str | None = None
+):
+    from edgert.offload.memory import Memory
+    from edgert.offload.plan import plan_model
+    from edgert.offload.profile import default_profile
+
+    try:
+        budget = Memory.parse(memory_budget)
+    except ValueError as e:
+        raise BudgetError(f"memory budget: {e}") from None
+    prof, _ = default_profile(profile)
+    return plan_model(src.store, src.args, budget, context, prof, max_tokens=max_tokens)

@@ -62,9 +62,13 @@ class TensorRef:
 class WeightStore:
     """Maps tensor names to refs, and refs to bytes (one read-only mapping per file)."""
 
+    packs = True  # `linear` repacks these bytes for the kernels (a streamer's slots do not)
+    drop_cache = False  # evict drops the bytes from the page cache too (under a memory budget)
+
     def __init__(self, refs: dict[str, TensorRef]):
         self.refs = refs
         self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.refs
@@ -86,9 +90,9 @@ class WeightStore:
         return mm[ref.offset : ref.offset + ref.nbytes].reshape(-1, ref.row_bytes)
 
     def evict(self, ref: TensorRef, rows: tuple[int, int] | None = None) -> None:
-        """Tell the OS this process is done with a tensor's mapped pages (or those of rows
-        [start, stop)): they stay in the page cache but stop counting as ours, so a copy made
-        from them is not held twice."""
+        """Tell the OS this process is done with a tensor's bytes (or those of rows [start,
+        stop)): its mapped pages stop counting as ours, so a copy made from them is not held
+        twice. With `drop_cache` they leave the page cache too, which a memory cgroup counts."""
         mm = self._maps.get(ref.path)
         if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -99,10 +103,19 @@ class WeightStore:
         end = hi // mmap.PAGESIZE * mmap.PAGESIZE
         if end > start:
             mm._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+            if not self.drop_cache:
+                return
+            fd = self._fds.get(ref.path)
+            if fd is None:
+                fd = self._fds[ref.path] = os.open(ref.path, os.O_RDONLY)
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def release(self) -> None:
         """Drop the file mappings (a later `raw` maps the file again)."""
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def f32(self, name: str) -> np.ndarray:
         """A small tensor (norm weights, biases) dequantized into its own float32 array."""

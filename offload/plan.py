@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 
 from edgert.offload.memory import ZERO, Memory
 from edgert.offload.profile import DeviceProfile
+from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 
 from edgert.errors import BudgetError
@@ -65,7 +66,7 @@ class Plan:
     streamed: tuple[str, ...]  # unit names read through the window every token
     on_demand: tuple[str, ...]  # units read a row at a time (an untied embedding)
     window: int  # prefetch depth in slots; 0 when nothing streams
-    slot: Memory  # one slot: the largest streamed unit
+    slot: Memory  # one slot: the largest streamed unit, with its reads' alignment padding
     pinned_bytes: Memory  # includes the norms
     weight_bytes: Memory  # all units
     streamed_per_token: Memory  # expected disk reads per decode step
@@ -168,15 +169,15 @@ def plan(
 
     best = None  # (streamed per token, used, pinned set, slot)
     minimum = None
-    for cap in sorted({0, *(u.nbytes for u in movable)}):
-        must = [u for u in movable if u.nbytes > cap]
+    for cap in sorted({0, *(slot_bytes(u) for u in movable)}):
+        must = [u for u in movable if slot_bytes(u) > cap]
         need = fixed + Memory(sum(u.nbytes for u in must)) + Memory(MIN_WINDOW * cap)
         minimum = need if minimum is None else min(minimum, need)
         if need > budget:
             continue
         pinned = _fill(movable, must, (budget - fixed).bytes - MIN_WINDOW * cap)
         streamed = [u for u in movable if u not in pinned]
-        slot = max((u.nbytes for u in streamed), default=0)
+        slot = max((slot_bytes(u) for u in streamed), default=0)
         used = fixed + Memory(sum(u.nbytes for u in pinned) + (MIN_WINDOW * slot if streamed else 0))
         cost = sum(u.token_bytes for u in streamed)
         if best is None or (cost, used) < (best[0], best[1]):

@@ -158,6 +158,28 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike) -> Path:
     return path
 
 
+DEFAULT_PROFILE = "laptop-8gb"
+
+
+def host_profile_path() -> Path:
+    """Where `edgert profile` writes this host's measured profile."""
+    home = Path(os.environ.get("EDGERT_HOME") or Path("~/.cache/edgert").expanduser())
+    return home / "profiles" / f"{socket.gethostname()}.toml"
+
+
+def default_profile(name: str | os.PathLike | None = None) -> tuple[DeviceProfile, str]:
+    """The profile a plan predicts from, and a phrase saying which it is: `name` if given,
+    else this host's measured profile if `edgert profile` wrote one, else the shipped
+    laptop-8gb profile (a middle-of-the-road edge machine)."""
+    if name:
+        return load_profile(name), ""
+    if host_profile_path().is_file():
+        return load_profile(host_profile_path()), f"this host's measured profile ({host_profile_path()})"
+    return load_profile(DEFAULT_PROFILE), (
+        f"the shipped {DEFAULT_PROFILE} profile (run `edgert profile` to measure this machine)"
+    )
+
+
 def shipped_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
 

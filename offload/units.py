@@ -73,6 +73,7 @@ class Unit:
     nbytes: int
     tensors: tuple[str, ...]
     per_token: float = 1.0
+    rows: tuple[int, int] | None = None  # a row chunk [start, stop) of a one-tensor unit
 
     @property
     def read_bytes(self) -> int:
@@ -156,6 +157,7 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
                 per_token=per_token,
             )
         )
+    out = _chunk_output(out, groups, tied)
     order = {"embedding": 0, "attention": 1, "ffn": 2, "expert": 3, "head": 4, "norms": 5}
     return sorted(
         out,
@@ -164,8 +166,43 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
             -1 if u.layer is None else u.layer,
             order[u.kind],
             u.expert or 0,
+            u.rows or (0, 0),
         ),
     )
+
+
+def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
+    """Split the output head (a tied embedding is the head) into row chunks no larger than
+    the largest layer unit. Its rows are independent (each gives some of the logits), and a
+    262k-token vocabulary's head is most of a small model: whole, it would set every slot's
+    size, or have to be pinned."""
+    key = ("embedding", None, None) if tied else ("head", None, None)
+    refs = groups.get(key, [])
+    layer = [u.nbytes for u in out if u.layer is not None]
+    if len(refs) != 1 or not layer or isinstance(refs[0], _Strided):
+        return out
+    ref, limit = refs[0], max(layer)
+    if ref.nbytes <= limit:
+        return out
+    step = max(16, limit // ref.row_bytes // 16 * 16)  # whole 16-row groups of the packed layout
+    whole = next(u for u in out if (u.kind, u.layer, u.expert) == key)
+    chunks = []
+    for j, r0 in enumerate(range(0, ref.n_rows, step)):
+        part = ref.rows(r0, min(r0 + step, ref.n_rows))
+        chunks.append(
+            Unit(
+                name=f"{whole.name}.{j}",
+                kind=whole.kind,
+                layer=None,
+                expert=None,
+                ranges=(ByteRange(part.path, part.offset, part.nbytes),),
+                nbytes=part.nbytes,
+                tensors=whole.tensors,
+                per_token=whole.per_token,
+                rows=(r0, r0 + part.n_rows),
+            )
+        )
+    return [u for u in out if u is not whole] + chunks
 
 
 def _unit_name(kind: str, layer: int | None, expert: int | None) -> str:

@@ -263,7 +263,8 @@ def _dot_q4_1(row, xq, xd, xs, nb, c16):
             lo = np.int16(q & np.uint8(15))
             hi = np.int16(q >> np.uint8(4))
             s = np.int32(s + np.int32(lo * np.int16(xq[ox + j])) + np.int32(hi * np.int16(xq[ox + c16 + j])))
-        acc += (_f16(row[o], row[o + 1]) * xd[b]) * np.float32(s) + _f16(row[o + 2], row[o + 3]) * xs[b]
+        acc += (_f16(row[o], row[o + 1]) * xd[b]) * np.float32(s)  # two fused steps, as the
+        acc += _f16(row[o + 2], row[o + 3]) * xs[b]  # packed kernel: raw == packed, bit for bit
     return acc
 
 
@@ -280,7 +281,8 @@ def _dot_q5_1(row, xq, xd, xs, nb, c16):
             lo = np.int16((q & np.uint8(15)) | (((qh >> j) & 1) << 4))
             hi = np.int16((q >> np.uint8(4)) | (((qh >> (j + 16)) & 1) << 4))
             s = np.int32(s + np.int32(lo * np.int16(xq[ox + j])) + np.int32(hi * np.int16(xq[ox + c16 + j])))
-        acc += (_f16(row[o], row[o + 1]) * xd[b]) * np.float32(s) + _f16(row[o + 2], row[o + 3]) * xs[b]
+        acc += (_f16(row[o], row[o + 1]) * xd[b]) * np.float32(s)  # two fused steps, as the
+        acc += _f16(row[o + 2], row[o + 3]) * xs[b]  # packed kernel: raw == packed, bit for bit
     return acc
 
 
@@ -319,7 +321,8 @@ def _dot_q4_k(row, xq, xd, bsums, nb, c16, has_qh):
             summ += m0 * (bsums[g] + bsums[g + 1]) + m1 * (bsums[g + 2] + bsums[g + 3])
         d = xd[b] * _f16(row[o], row[o + 1])
         dmin = xd[b] * _f16(row[o + 2], row[o + 3])
-        acc += d * np.float32(sumi) - dmin * np.float32(summ)
+        acc += d * np.float32(sumi)  # two fused steps, in the packed kernel's order
+        acc -= dmin * np.float32(summ)
     return acc
 
 

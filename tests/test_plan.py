@@ -27,6 +27,7 @@ from edgert.offload.profile import (
     save_profile,
     shipped_profiles,
 )
+from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 
 from edgert.errors import BudgetError, FormatError
@@ -92,15 +93,22 @@ def _covered(us: list[Unit]) -> list[tuple]:
 def test_units_cover_every_tensor_once(real_model):
     for src in _sources(real_model):
         us = units(src.store, src.args)
-        names = [t for u in us for t in u.tensors]
+        chunks = [u for u in us if u.rows is not None]  # a big head, split into row chunks
+        names = [t for u in us if u.rows is None for t in u.tensors] + sorted({chunks[0].tensors[0]})
         assert sorted(names) == sorted(src.store.refs), src.path  # each tensor in exactly one unit
+        rows = [u.rows for u in chunks]  # the chunks partition the head's rows, in order
+        assert rows[0][0] == 0 and rows[-1][1] == src.args.vocab_size
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+        biggest = max(u.nbytes for u in us if u.layer is not None)
+        assert all(u.nbytes <= biggest for u in chunks), "a chunk is larger than a layer unit"
         assert sum(u.nbytes for u in us) == src.store.nbytes()
         spans = _covered(us)
         for (p0, _, e0), (p1, s1, _) in zip(spans, spans[1:], strict=False):
             assert p0 != p1 or e0 <= s1, "two units read the same bytes"
         for ref in src.store.refs.values():  # every tensor's bytes lie inside its unit's reads
-            u = next(u for u in us if ref.name in u.tensors)
-            assert any(r.offset <= ref.offset and ref.offset + ref.nbytes <= r.end for r in u.ranges)
+            for u in (u for u in us if ref.name in u.tensors):
+                part = ref.rows(*u.rows) if u.rows else ref
+                assert any(r.offset <= part.offset and part.offset + part.nbytes <= r.end for r in u.ranges)
         assert {u.kind for u in us} <= {"embedding", "attention", "ffn", "expert", "head", "norms"}
         dense = [u for u in us if u.kind in ("attention", "ffn")]
         assert len(dense) == 2 * src.args.n_layers and all(u.per_token == 1.0 for u in dense)
@@ -111,7 +119,7 @@ def test_units_merge_reads(real_model):
     us = {u.name: u for u in units(src.store, src.args)}
     # q, k, v, o and their biases sit together in the file: one read per block
     assert len(us["blk.0.attention"].ranges) == 1 and len(us["blk.0.ffn"].ranges) == 1
-    assert us["head"].kind == "head" and us["embedding"].per_token < 1e-4  # untied: rows on demand
+    assert us["head.0"].kind == "head" and us["embedding"].per_token < 1e-4  # untied: rows on demand
     smol = open_source(real_model("smollm2-135m"))
     emb = next(u for u in units(smol.store, smol.args) if u.kind == "embedding")
     assert emb.per_token == 1.0  # tied: the embedding is the output head, read whole
@@ -290,7 +298,8 @@ def test_plan_real_model(real_model):
     lo = plan_model(src.store, src.args, Memory(8 << 30), 4096, prof)
     assert lo.streamed == () and lo.bottleneck == "compute"
     p = plan_model(src.store, src.args, lo.minimum, 4096, prof)
-    assert p.used <= p.budget and p.window == 2 and "head" in p.pinned and p.streamed
+    assert p.used <= p.budget and p.window == 2 and p.pinned == ("norms",)  # the head streams in chunks
+    assert p.slot.bytes == max(slot_bytes(u) for u in units(src.store, src.args) if u.name in p.streamed)
     with pytest.raises(BudgetError, match="minimum working set"):
         plan_model(src.store, src.args, Memory(int(0.4 * src.store.nbytes())), 4096, prof)
     assert DEFAULT_OVERHEAD.bytes > 150 * MiB

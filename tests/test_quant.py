@@ -216,8 +216,9 @@ def test_matmul(q):
 
 @pytest.mark.parametrize("q", MATMUL, ids=lambda q: q.name)
 def test_packed_matmul(q):
-    """`pack`ed weights: same results as the raw rows (to float reassociation), N not a multiple of the
-    16-row group, a strided source, and prefill rows bit-equal to one-row decode calls."""
+    """`pack`ed weights: the same bits as the raw rows (a streamed unit runs the raw kernels on
+    its slot, a pinned one the packed kernels: they must agree), N not a multiple of the 16-row
+    group, a strided source, and prefill rows bit-equal to one-row decode calls."""
     rng = np.random.default_rng(400 + int(q))
     N, Kd = 37, 512
     scratch = K.MatmulScratch(8, 1024)
@@ -232,6 +233,7 @@ def test_packed_matmul(q):
     x[0, :256] = 0
     ref = matmul_reference(x, w, q)
     scale = np.abs(x) @ np.abs(W).T
+    outs = []
     for wt in (P, w):
         out = np.full((7, N), np.nan, np.float32)
         K.matmul(out, x, wt, q, scratch)
@@ -240,6 +242,8 @@ def test_packed_matmul(q):
             one = np.empty((1, N), np.float32)
             K.matmul(one, x[t : t + 1], wt, q, scratch)
             assert same_bits(one, out[t : t + 1])
+        outs.append(out)
+    assert same_bits(outs[0], outs[1])
 
 
 @pytest.mark.parametrize("q", ALL, ids=lambda q: q.name)

@@ -19,8 +19,9 @@ from edgert import kernels as K
 from edgert.cache import KVCache
 from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
+from edgert.offload.stream import RowReader
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
-from edgert.quant.kernels import MatmulScratch, PackedWeight, get_rows, matmul, pack
+from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
 from edgert.weights import WeightStore
 
 # ---- config --------------------------------------------------------------------------
@@ -167,7 +168,7 @@ class Shard:
 
 
 class Linear(NamedTuple):
-    w: PackedWeight  # rows of GGUF blocks, repacked once at load for the matmul kernels
+    w: PackedWeight | np.ndarray  # GGUF blocks: repacked at load, or raw rows in a streamer's slot
     qtype: QType  # a QType, not an int: matmul then skips re-validating it on every call
     bias: np.ndarray | None = None
 
@@ -193,6 +194,8 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
         bias = store.f32(f"{name}.bias")
         if rows is not None:
             bias = np.ascontiguousarray(bias[rows.start : rows.stop])
+    if not store.packs:  # a streamer's slot: the kernels read the file's blocks where they lie
+        return Linear(raw, ref.qtype, bias)
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
     # Release the file's pages chunk by chunk as they are packed; a shard's column slice
@@ -389,9 +392,12 @@ def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.swiglu) -> np.ndarra
     sel, sel_w = ws.sel[:T], ws.sel_w[:T]
     route(ws.router[:T], k, a.norm_topk, sel, sel_w)
     group_by_expert(sel, a.n_experts, ws.offsets, ws.order)
-    for e, ex in L.experts.items():  # this shard's experts
+    for e in range(a.n_experts):
         lo, hi = ws.offsets[e], ws.offsets[e + 1]
         if lo == hi:
+            continue
+        ex = L.experts.get(e)  # None: another shard's expert
+        if ex is None:
             continue
         picks = ws.order[lo:hi]
         n = hi - lo
@@ -406,26 +412,32 @@ def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.swiglu) -> np.ndarra
     return out
 
 
-def embed(ws: Workspace, a: ModelArgs, emb: Linear, tokens: np.ndarray) -> np.ndarray:
+def embed(ws: Workspace, a: ModelArgs, emb: Linear | RowReader, tokens: np.ndarray) -> np.ndarray:
     T = len(tokens)
     if T > ws.max_tokens:
         raise ValueError(f"{T} tokens exceed the workspace's {ws.max_tokens}")
     if tokens.min() < 0 or tokens.max() >= a.vocab_size:
         raise ValueError(f"token id out of range [0, {a.vocab_size})")
     x = ws.x[:T]
-    get_rows(x, emb.w, emb.qtype, tokens)
+    if type(emb) is RowReader:  # a streamed embedding: read just these rows from the file
+        dequantize_rows(x, emb.read(tokens), emb.qtype)
+    else:
+        get_rows(x, emb.w, emb.qtype, tokens)
     if a.embed_scale != 1.0:
         x *= np.float32(a.embed_scale)
     return x
 
 
-def head(ws: Workspace, a: ModelArgs, out_norm: np.ndarray, out: Linear, T: int, all_logits: bool):
-    """Final norm and the output projection: logits of the last position, or of all T."""
+def head(ws: Workspace, a: ModelArgs, out_norm: np.ndarray, parts, T: int, all_logits: bool):
+    """Final norm and the output projection: logits of the last position, or of all T.
+    `parts` gives (first row, last row, Linear) pieces of the output matrix: one for a
+    resident head, row chunks as they arrive for a streamed one."""
     x = ws.x[:T] if all_logits else ws.x[T - 1 : T]
     hn = ws.h[: len(x)]
     K.rmsnorm(hn, x, out_norm, a.norm_eps)
     logits = np.empty((len(x), a.vocab_size), np.float32) if all_logits else ws.logits
-    matmul(logits, hn, out.w, out.qtype, ws.scratch)
+    for r0, r1, lin in parts:
+        matmul(logits[:, r0:r1], hn, lin.w, lin.qtype, ws.scratch)
     if a.final_softcap > 0:  # cap * tanh(logits / cap), in place
         np.divide(logits, np.float32(a.final_softcap), out=logits)
         np.tanh(logits, out=logits)
@@ -461,34 +473,38 @@ def load_attention(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Sha
     L.wk = linear(store, f"{p}.attn_k", rows=kvrows)
     L.wv = linear(store, f"{p}.attn_v", rows=kvrows)
     L.wo = linear(store, f"{p}.attn_output", cols=qrows)
-    if f"{p}.attn_q_norm.weight" in store:
-        L.q_norm = norm(store, f"{p}.attn_q_norm", a.norm_shift)
-        L.k_norm = norm(store, f"{p}.attn_k_norm", a.norm_shift)
 
 
 def load_ffn(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i: int) -> None:
+    """The layer's dense FFN, or in an MoE layer its router (experts load one at a time)."""
     p = f"blk.{i}"
     if a.n_experts:
         L.router = linear(store, f"{p}.ffn_gate_inp")
-        L.experts = {
-            e: Expert(
-                linear(store, f"{p}.ffn_gate.{e}", rows=shard.expert_ffn),
-                linear(store, f"{p}.ffn_up.{e}", rows=shard.expert_ffn),
-                linear(store, f"{p}.ffn_down.{e}", cols=shard.expert_ffn),
-            )
-            for e in shard.experts
-        }
     else:
         L.gate = linear(store, f"{p}.ffn_gate", rows=shard.ffn)
         L.up = linear(store, f"{p}.ffn_up", rows=shard.ffn)
         L.down = linear(store, f"{p}.ffn_down", cols=shard.ffn)
 
 
+def load_expert(store: WeightStore, shard: Shard, i: int, e: int) -> Expert:
+    p = f"blk.{i}"
+    return Expert(
+        linear(store, f"{p}.ffn_gate.{e}", rows=shard.expert_ffn),
+        linear(store, f"{p}.ffn_up.{e}", rows=shard.expert_ffn),
+        linear(store, f"{p}.ffn_down.{e}", cols=shard.expert_ffn),
+    )
+
+
 class Transformer:
     """What every architecture shares: embedding, output head, layers, workspace, caches.
 
-    Each architecture file subclasses this with its own `load_layer` and its own forward
-    (`__call__`), so that each forward reads top to bottom in its model's file.
+    Each architecture file subclasses this with its own `load_norms` and its own forward
+    (`__call__`), so that each forward reads top to bottom in its model's file. The forward
+    takes each block's weights from `attention(i)`, `ffn(i)` and `head()`: the model's own
+    copy of a pinned unit, or a view of the streamer's slot that holds a streamed one.
+
+    With a `plan` (edgert.offload), only the plan's pinned units are loaded; the streamed
+    ones are read through the streamer's window on every forward.
     """
 
     def __init__(
@@ -500,6 +516,7 @@ class Transformer:
         comm=None,
         max_tokens: int = 64,
         kv_dtype=np.float16,
+        plan=None,
     ):
         self.args = a = args
         self.kv_dtype = kv_dtype
@@ -507,17 +524,127 @@ class Transformer:
         self.context = context
         self.shard = shard or Shard.full(a)
         self.comm = comm or Identity()
-        self.embed = linear(store, "token_embd")
+        self.plan = plan
+        self.streamer = None
+        self._views: dict[tuple[str, int], Any] = {}
+        pinned = None if plan is None else set(plan.pinned)
+        resident = (lambda _unit: True) if pinned is None else pinned.__contains__
+        tied = "output.weight" not in store
+        self.head_name = "token_embd" if tied else "output"
+        # The output matrix in row pieces: (first row, last row, unit, Linear or None if streamed)
+        self.head_parts = [(0, a.vocab_size, "embedding" if tied else "head", None)]
+        if plan is not None:
+            from edgert.offload.units import units
+
+            kind = "embedding" if tied else "head"
+            self.head_parts = [
+                (*(u.rows or (0, a.vocab_size)), u.name, None)
+                for u in units(store, a, self.shard)
+                if u.kind == kind
+            ]
+        whole = all(resident(name) for _, _, name, _ in self.head_parts)
+        if resident("embedding") or (tied and whole):
+            self.embed = linear(store, "token_embd")
+        else:  # read a row at a time: the model holds only some of it, or none
+            self.embed = RowReader(store.ref("token_embd.weight"), max_tokens)
         self.out_norm = norm(store, "output_norm", a.norm_shift)
-        self.output = linear(store, "output") if "output.weight" in store else self.embed
-        self.layers = [self.load_layer(store, i) for i in range(a.n_layers)]
+        if whole:
+            out = self.embed if tied else linear(store, "output")
+            self.head_parts = [(0, a.vocab_size, self.head_parts[0][2], out)]
+        else:
+            self.head_parts = [
+                (r0, r1, n, linear(store, self.head_name, rows=range(r0, r1)) if resident(n) else None)
+                for r0, r1, n, _ in self.head_parts
+            ]
+        self.layers = [self.load_layer(store, i, resident) for i in range(a.n_layers)]
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
-        store.release()  # every tensor now lives in the model: unmap the files
+        if plan is not None and plan.streamed:
+            self.streamer = self._make_streamer(store, plan, tied)
+        store.release()  # every pinned tensor now lives in the model: unmap the files
 
-    def load_layer(self, store: WeightStore, i: int) -> LayerWeights:
+    def load_norms(self, store: WeightStore, i: int) -> LayerWeights:
         raise NotImplementedError
+
+    def load_layer(self, store: WeightStore, i: int, resident) -> LayerWeights:
+        """Layer i's norms, and those of its blocks that `resident(unit name)` keeps."""
+        a, p = self.args, f"blk.{i}"
+        L = self.load_norms(store, i)
+        if f"{p}.attn_q_norm.weight" in store:
+            L.q_norm = norm(store, f"{p}.attn_q_norm", a.norm_shift)
+            L.k_norm = norm(store, f"{p}.attn_k_norm", a.norm_shift)
+        if resident(f"{p}.attention"):
+            load_attention(L, store, a, self.shard, i)
+        if resident(f"{p}.ffn"):
+            load_ffn(L, store, a, self.shard, i)
+        if a.n_experts:
+            for e in self.shard.experts:
+                if not resident(f"{p}.expert.{e}"):
+                    raise UnsupportedError(
+                        "streaming MoE experts is not supported yet: give a memory budget that "
+                        "keeps every expert resident"
+                    )
+                L.experts[e] = load_expert(store, self.shard, i, e)
+        return L
+
+    def _make_streamer(self, store: WeightStore, plan, tied: bool):
+        from edgert.offload.stream import Streamer
+        from edgert.offload.units import units
+
+        by_name = {u.name: u for u in units(store, self.args, self.shard)}
+        head = [n for _, _, n, lin in self.head_parts if lin is None]
+        order = [n for n in plan.streamed if n not in head] + head  # a tied embedding is read as the head
+        return Streamer([by_name[n] for n in order], plan.window)
+
+    # ---- the blocks, resident or streamed ----------------------------------------------
+
+    def attention(self, i: int):
+        L = self.layers[i]
+        return L if L.wq is not None else self._streamed(f"blk.{i}.attention")
+
+    def ffn(self, i: int):
+        L = self.layers[i]
+        return L if L.gate is not None or L.router is not None else self._streamed(f"blk.{i}.ffn")
+
+    def head(self):
+        """The output matrix's row pieces, (first row, last row, Linear), streamed ones as they arrive."""
+        for r0, r1, name, lin in self.head_parts:
+            yield r0, r1, lin if lin is not None else self._streamed(name)
+
+    def _streamed(self, name: str):
+        """Unit `name`'s weights as views of the slot the streamer read it into (built once
+        per unit and slot, then reused: nothing is allocated per token)."""
+        slot = self.streamer.acquire(name)
+        view = self._views.get((name, slot))
+        if view is None:
+            view = self._views[(name, slot)] = self._view(name, slot)
+        return view
+
+    def _view(self, name: str, slot: int):
+        from edgert.offload.stream import SlotStore
+
+        s = self.streamer
+        store = SlotStore(self.store.refs, s.layouts[s.index[name]], s.slots[slot])
+        if not name.startswith("blk."):  # the head, or a row chunk of it
+            r0, r1 = next((r0, r1) for r0, r1, n, _ in self.head_parts if n == name)
+            return linear(store, self.head_name, rows=range(r0, r1))
+        i = int(name.split(".")[1])
+        L, R = LayerWeights(), self.layers[i]
+        if name.endswith(".attention"):
+            load_attention(L, store, self.args, self.shard, i)
+            L.q_norm, L.k_norm = R.q_norm, R.k_norm
+        else:
+            load_ffn(L, store, self.args, self.shard, i)
+            L.experts = R.experts
+        return L
+
+    def close(self) -> None:
+        """Stop the streamer's reader and close its files (the model cannot run after this)."""
+        if self.streamer is not None:
+            self.streamer.close()
+        if type(self.embed) is RowReader:
+            self.embed.close()
 
     def make_cache(self):
         n_kv, hd = len(self.shard.kv), self.args.head_dim

@@ -16,8 +16,6 @@ from edgert.models.base import (
     embed,
     ffn_block,
     head,
-    load_attention,
-    load_ffn,
     norm,
     rope_tables,
 )
@@ -75,14 +73,12 @@ class Model(Transformer):
         super().__init__(args, store, context, **kw)
         self.rope_local = rope_tables(args, context, args.rope_local_base)
 
-    def load_layer(self, store, i):
+    def load_norms(self, store, i):
         s = self.args.norm_shift
         L = LayerWeights()
         L.attn_norm = norm(store, f"blk.{i}.attn_norm", s)
-        load_attention(L, store, self.args, self.shard, i)
         L.post_attn_norm = norm(store, f"blk.{i}.post_attention_norm", s)
         L.ffn_norm = norm(store, f"blk.{i}.ffn_norm", s)
-        load_ffn(L, store, self.args, self.shard, i)
         L.post_ffw_norm = norm(store, f"blk.{i}.post_ffw_norm", s)
         return L
 
@@ -93,11 +89,11 @@ class Model(Transformer):
             sliding = a.sliding_layers[i]
             rope, window = (self.rope_local, a.sliding_window) if sliding else (self.rope, 0)
             K.rmsnorm(ws.h[:T], x, L.attn_norm, a.norm_eps)
-            y = self.comm.allreduce(attention_block(ws, a, L, cache[i], pos, T, rope, window))
+            y = self.comm.allreduce(attention_block(ws, a, self.attention(i), cache[i], pos, T, rope, window))
             K.rmsnorm(y, y, L.post_attn_norm, a.norm_eps)  # the post-norm needs the whole sum
             x += y
             K.rmsnorm(ws.h[:T], x, L.ffn_norm, a.norm_eps)
-            y = self.comm.allreduce(ffn_block(ws, L, T, act=K.geglu))
+            y = self.comm.allreduce(ffn_block(ws, self.ffn(i), T, act=K.geglu))
             K.rmsnorm(y, y, L.post_ffw_norm, a.norm_eps)
             x += y
-        return head(ws, a, self.out_norm, self.output, T, all_logits)
+        return head(ws, a, self.out_norm, self.head(), T, all_logits)

@@ -12,20 +12,16 @@ from edgert.models.base import (
     embed,
     ffn_block,
     head,
-    load_attention,
-    load_ffn,
     moe_block,
     norm,
 )
 
 
 class Model(Transformer):
-    def load_layer(self, store, i):
+    def load_norms(self, store, i):
         L = LayerWeights()
         L.attn_norm = norm(store, f"blk.{i}.attn_norm")
-        load_attention(L, store, self.args, self.shard, i)
         L.ffn_norm = norm(store, f"blk.{i}.ffn_norm")
-        load_ffn(L, store, self.args, self.shard, i)
         return L
 
     def __call__(self, tokens: np.ndarray, cache, pos: int, all_logits: bool = False) -> np.ndarray:
@@ -33,7 +29,9 @@ class Model(Transformer):
         x = embed(ws, a, self.embed, tokens)  # (T, dim)
         for i, L in enumerate(self.layers):
             K.rmsnorm(ws.h[:T], x, L.attn_norm, a.norm_eps)
-            x += self.comm.allreduce(attention_block(ws, a, L, cache[i], pos, T, self.rope))
+            x += self.comm.allreduce(attention_block(ws, a, self.attention(i), cache[i], pos, T, self.rope))
             K.rmsnorm(ws.h[:T], x, L.ffn_norm, a.norm_eps)
-            x += self.comm.allreduce(moe_block(ws, a, L, T) if a.n_experts else ffn_block(ws, L, T))
-        return head(ws, a, self.out_norm, self.output, T, all_logits)
+            x += self.comm.allreduce(
+                moe_block(ws, a, self.ffn(i), T) if a.n_experts else ffn_block(ws, self.ffn(i), T)
+            )
+        return head(ws, a, self.out_norm, self.head(), T, all_logits)

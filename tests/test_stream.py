@@ -1,0 +1,186 @@
+"""The streamer and models under a memory budget: same tokens, RSS under the budget, clear errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_MODELS
+from edgert.offload.stream import ALIGN, RowReader, Streamer, layout
+from edgert.offload.units import ByteRange, Unit
+from edgert.quant.formats import QType
+
+import edgert
+from edgert import loader
+from edgert.errors import BudgetError, FormatError
+from edgert.weights import TensorRef
+
+# ---- the ring of slots, on a synthetic file ----------------------------------------------
+
+
+def _file(tmp_path: Path, n: int = 3 << 20) -> tuple[Path, np.ndarray]:
+    data = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    data.tofile(path)
+    return path, data
+
+
+def _units(path: Path, spans: list[list[tuple[int, int]]]) -> list[Unit]:
+    return [
+        Unit(f"u{i}", "ffn", i, None, tuple(ByteRange(path, o, n) for o, n in rs), sum(n for _, n in rs), ())
+        for i, rs in enumerate(spans)
+    ]
+
+
+SPANS = [[(10, 5000)], [(6000, 300_000), (400_000, 77)], [(1 << 20, 1 << 20)], [((3 << 20) - 999, 999)]]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_streamer_ring(tmp_path, window, direct):
+    """Units come back with their file bytes through every wrap of the ring, and a consumer
+    that skips units (a forward that stopped early) still gets the unit it asks for."""
+    path, data = _file(tmp_path)
+    s = Streamer(_units(path, SPANS), window, direct=direct)
+    try:
+        order = [0, 1, 2, 3] * 3 + [2, 3, 1, 0, 3]  # wraps, then skips forward
+        for u in order:
+            slot = s.acquire(f"u{u}")
+            lay = s.layouts[u]
+            for (off, n), r in zip(SPANS[u], lay.reads, strict=True):
+                got = s.slots[slot][lay.position(off) : lay.position(off) + n]
+                assert np.array_equal(got, data[off : off + n]), (u, slot)
+                assert r.offset % ALIGN == 0 and r.nbytes % ALIGN == 0 and r.pos % ALIGN == 0
+        assert s.stats.bytes_read >= sum(n for u in order for _, n in SPANS[u])
+    finally:
+        s.close()
+
+
+def test_streamer_reports_truncation(tmp_path):
+    path, _ = _file(tmp_path)
+    units = _units(path, [[(0, 4096)], [((3 << 20) - 5000, 5000)]])
+    s = Streamer(units, 1, direct=False)
+    try:
+        s.acquire("u0")
+        os.truncate(path, 1 << 20)  # the file shrinks under the running model
+        with pytest.raises(FormatError, match="truncated or changed since it was loaded"):
+            s.acquire("u1")
+    finally:
+        s.close()
+
+
+def test_streamer_overlaps_reads_with_compute(tmp_path):
+    """While compute holds one unit, the reader fills the next slot: a consumer that works
+    longer than a read never waits after the first unit."""
+    path, _ = _file(tmp_path)
+    units = _units(path, [[(i << 19, 1 << 19)] for i in range(6)])
+    s = Streamer(units, 2, direct=False)
+    try:
+        s.acquire("u0")
+        for i in range(1, 6):
+            done = threading.Event()
+            done.wait(0.05)  # "compute" on the held unit
+            waited = s.stats.wait_seconds
+            s.acquire(f"u{i}")
+            assert s.stats.wait_seconds - waited < 0.02
+    finally:
+        s.close()
+
+
+def test_layout_and_row_reader(tmp_path):
+    path, data = _file(tmp_path)
+    (u,) = _units(path, [[(5, 10), (9000, 10)]])
+    lay = layout(u)
+    assert [r.offset for r in lay.reads] == [0, 8192] and lay.size == 2 * ALIGN
+    rr = RowReader(TensorRef("t", path, 100, 68 * 1000, QType.Q8_0, (1000, 64)), 4)  # 68 bytes a row
+    try:
+        rows = rr.read(np.array([7, 0, 999]))
+        for j, i in enumerate([7, 0, 999]):
+            assert np.array_equal(rows[j], data[100 + 68 * i : 100 + 68 * (i + 1)])
+    finally:
+        rr.close()
+
+
+# ---- real models under a budget ------------------------------------------------------------
+
+PROMPT = "The capital of France is"
+CTX = 256
+
+
+def budget_for(path: Path, share: float = 0.4) -> int:
+    """`share` of the model's bytes plus the runtime's own overhead: interpreter and kernels,
+    KV cache for the context, workspace, norms (the plan's fixed costs)."""
+    src = loader.open_source(path)
+    p = loader.make_plan(src, 1 << 40, CTX)
+    norms = sum(u.nbytes for u in _units_of(src) if u.kind == "norms")
+    return int(share * path.stat().st_size) + p.overhead.bytes + p.kv.bytes + p.workspace.bytes + norms
+
+
+def _units_of(src):
+    from edgert.offload.units import units
+
+    return units(src.store, src.args)
+
+
+def _run(path: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`edgert run` in a child process; returns it and its peak RSS as the kernel measured it
+    (wait4's rusage of that child alone)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgert.apps.cli",
+        "run",
+        str(path),
+        "-p",
+        PROMPT,
+        "-n",
+        "24",
+        "-c",
+        str(CTX),
+        *extra,
+    ]
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out, "w") as fo, open(err, "w") as fe:
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(p.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text()), usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_budget_gives_the_same_tokens_under_the_budget(real_model, name, tmp_path):
+    path = real_model(name)
+    budget = budget_for(path)
+    free, _ = _run(path, tmp_path)
+    assert free.returncode == 0, free.stderr
+    bud, rss = _run(path, tmp_path, "--memory-budget", str(budget))
+    assert bud.returncode == 0, bud.stderr
+    assert "streaming, per decoded token" in bud.stderr  # it did stream
+    assert bud.stdout == free.stdout, (name, free.stdout, bud.stdout)
+    assert rss <= budget, f"{name}: peak RSS {rss / 2**20:.1f} MiB over the budget {budget / 2**20:.1f} MiB"
+
+
+def test_budget_below_minimum_is_refused_with_the_minimum(real_model, tmp_path):
+    path = real_model("smollm2-135m")
+    r, _ = _run(path, tmp_path, "--memory-budget", "50MiB")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "below this model's minimum working set" in r.stderr and "--memory-budget" in r.stderr
+    with pytest.raises(BudgetError, match=r"minimum working set of \d+ MiB"):
+        edgert.load(path, context=CTX, memory_budget="50MiB")
+
+
+def test_truncated_after_load_fails_clearly(real_model, tmp_path):
+    path = tmp_path / "model.gguf"
+    shutil.copy(real_model("smollm2-135m"), path)
+    with edgert.load(path, context=CTX, memory_budget=budget_for(path)) as llm:
+        assert llm.model.streamer is not None
+        llm.generate(PROMPT, max_tokens=2)
+        os.truncate(path, path.stat().st_size // 2)
+        with pytest.raises(FormatError, match="truncated or changed since it was loaded"):
+            llm.generate(" and the capital of Spain is", max_tokens=4)
