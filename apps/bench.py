@@ -93,10 +93,29 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="Small sizes: prompts 32 and 64, decode 16.")
     ] = False,
+    memory_budget: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--memory-budget",
+            "-m",
+            help="Decode under this budget (repeatable), each run in a memory cgroup of that size "
+            "with the page cache dropped first (needs root).",
+        ),
+    ] = None,
+    decode_tokens: Annotated[
+        int, typer.Option("--decode-tokens", help="Tokens decoded per run under a budget.", min=1)
+    ] = 8,
 ) -> None:
-    """Load time, cold start, prompt and decode tok/s, peak RSS; with --vs llama.cpp, side by side."""
+    """Load time, cold start, prompt and decode tok/s, peak RSS; with --vs llama.cpp, side by side.
+
+    With --memory-budget: decode speed under each budget beside llama.cpp (mmap) in the same
+    cgroup limit, and beside the disk limit measured in the same run.
+    """
     if vs is not None and vs.lower() not in ("llama.cpp", "llama-cpp", "llamacpp"):
         raise typer.BadParameter(f"{vs}: the only system to compare with is llama.cpp", param_hint="--vs")
+    if memory_budget:
+        _bench_stream(model, memory_budget, threads, ctx, decode_tokens, vs, llama_python, json_out)
+        return
     cfg = BenchConfig(
         model=model,
         threads=threads or len(os.sched_getaffinity(0)),
@@ -122,5 +141,32 @@ def bench(
     except BenchError as e:  # cli.main prints EdgertErrors as one line and exits 1
         raise EdgertError(str(e)) from None
     typer.echo(format_table(res))
+    if json_out:
+        json_out.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+
+
+def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python, json_out) -> None:
+    from edgert.apps.plan import parse_budget
+
+    from edgert import loader
+    from edgert.bench_stream import format_stream_table, run_stream_bench
+    from edgert.errors import EdgertError
+
+    src = loader.open_source(loader.resolve(model))
+    sizes = [parse_budget(b, src.store.nbytes()).bytes for b in budgets]
+    try:
+        res = run_stream_bench(
+            model,
+            sizes,
+            threads or len(os.sched_getaffinity(0)),
+            ctx=min(ctx, 512) if ctx == 4096 else ctx,  # default: a short context under a budget
+            decode_tokens=decode_tokens,
+            llama_python=llama_python,
+            vs_llama=vs is not None,
+            progress=lambda m: (sys.stderr.write(f"bench: {m}\n"), sys.stderr.flush()),
+        )
+    except BenchError as e:
+        raise EdgertError(str(e)) from None
+    typer.echo(format_stream_table(res))
     if json_out:
         json_out.write_text(json.dumps(res.to_dict(), indent=1) + "\n")

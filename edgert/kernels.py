@@ -71,7 +71,7 @@ def rope(x, cos, sin, pos0, neox):
                     x[t, h, 2 * i + 1] = a * s + b * c
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def attention(out, q, k, v, pos0, scale, window, softcap):
     """Causal attention of q[T, Hq, D] over the cache k, v [Hkv, S, D] for positions pos0...
 
@@ -124,7 +124,7 @@ def _sees(p, j, window):
 
 
 # reassoc lets LLVM split the dot products into SIMD partial sums, as ggml's own f16 dot does.
-@nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
     """attention() over an fp16 cache (k, v: uint16 bits [Hkv, S, D]), with ggml's arithmetic.
 
@@ -223,7 +223,7 @@ def gelu_mul(gate, up):
             )
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _silu_mul_rows(gate, up):
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
@@ -231,7 +231,7 @@ def _silu_mul_rows(gate, up):
             gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
 
 
-@nb.njit(cache=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _gelu_mul_rows(gate, up):
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # units imports the models, which import this module
     from edgert.offload.units import Unit
 
 ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
-CHUNK = 64 << 20  # one preadv moves at most this much (keeps each syscall's latency bounded)
+CHUNK = 1 << 30  # one preadv moves at most this much (Linux caps a read near 2 GiB)
 
 
 class Read(NamedTuple):

@@ -94,7 +94,7 @@ def _round_f16(x):
     return _u32_as_f32(np.uint32(sign | r))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_f16_array(x, out):  # test hook for _round_f16
     for i in range(x.shape[0]):
         out[i] = _round_f16(x[i])
@@ -103,7 +103,7 @@ def _round_f16_array(x, out):  # test hook for _round_f16
 # ---------------------------------------------------------------- activation quantization
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quantize_q8_0(x, xq, xd, xs, with_sum):
     """ggml x86 quantize_row_q8_0 / q8_1: d = amax/127 (fp16), q = rint(x * (127/amax)), s = fp16(d*sum q)."""
     T, K = x.shape
@@ -126,7 +126,7 @@ def _quantize_q8_0(x, xq, xd, xs, with_sum):
                 xs[t, b] = _round_f16(d * np.float32(s))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _quantize_q8_k(x, xq, xd, bsums):
     """ggml quantize_row_q8_K: scale -127/max (signed max of largest magnitude), round half even."""
     T, K = x.shape
@@ -372,49 +372,49 @@ def _dot_q6_k(row, xq, xd, nb, c16):
 # T > 1 runs them once per activation row.
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q4_0(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q4_0(w[n * rs :], xq[0], xd[0], K // 32, c16)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q5_0(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q5_0(w[n * rs :], xq[0], xd[0], K // 32, c16)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q8_0(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q8_0(w[n * rs :], xq[0], xd[0], K // 32, c16)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q4_1(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q4_1(w[n * rs :], xq[0], xd[0], xs[0], K // 32, c16)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q5_1(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q5_1(w[n * rs :], xq[0], xd[0], xs[0], K // 32, c16)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q4_k(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q4_k(w[n * rs :], xq[0], xd[0], bsums[0], K // QK_K, c16, False)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q5_k(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q4_k(w[n * rs :], xq[0], xd[0], bsums[0], K // QK_K, c16, True)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mv_q6_k(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q6_k(w[n * rs :], xq[0], xd[0], K // QK_K, c16)
@@ -465,7 +465,7 @@ def _float_at(qt, row, k):
     )
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
 def _mm_float(out, x, w, N, rs, qt, T, K, wf):
     """F32/F16/BF16 weights: widen to f32 and dot with f32 activations."""
     for n in prange(N):
@@ -566,19 +566,19 @@ def _deq_row(qt, row, dst, c16, with_min):
                 dst[b * QK_K + j] = d * np.float32(np.int8(row[o + 4 + j]))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _dequantize_rows(out, w, rs, qt, c16):
     for n in prange(out.shape[0]):
         _deq_row(qt, w[n * rs :], out[n], c16, True)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _get_rows(out, w, rs, qt, ids, c16):
     for i in prange(ids.shape[0]):
         _deq_row(qt, w[np.int64(ids[i]) * rs :], out[i], c16, True)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _get_rows_packed(out, p, qt, nb, rec, ids, tmp, c16):
     """Rows of a packed weight: rebuild each raw GGUF row in per-thread scratch, then decode it."""
     for i in prange(ids.shape[0]):

@@ -1,0 +1,337 @@
+"""`edgert bench MODEL --memory-budget B ...`: decode speed under a memory limit, edgert
+streaming beside llama.cpp (mmap), each run inside a memory cgroup whose limit equals the
+budget, so that the page cache counts against it as it would on a device with that much
+RAM. Before each run the page cache is dropped. The disk limit (bytes edgert streams per
+token / cold read bandwidth) is measured in the same run, by reading the model file with
+the same O_DIRECT requests the streamer makes.
+
+Needs root and a writable memory cgroup hierarchy (v1 or v2) and /proc/sys/vm/drop_caches;
+without them it refuses with the reason, since a number measured without the limit would
+not mean what the table says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = "edgert-bench-stream/1"
+V1 = Path("/sys/fs/cgroup/memory")
+V2 = Path("/sys/fs/cgroup")
+
+
+def _bench_error(msg: str) -> Exception:
+    from edgert.bench import BenchError  # (this file also runs by path where edgert is absent)
+
+    return BenchError(msg)
+
+
+class MemoryCgroup:
+    """A fresh memory cgroup with `limit` bytes; `preexec` puts a child process into it."""
+
+    def __init__(self, limit: int, name: str | None = None):
+        self.limit = limit
+        name = name or f"edgert-bench-{os.getpid()}"
+        if (V1 / "memory.limit_in_bytes").exists():
+            self.version, self.path = 1, V1 / name
+        elif (V2 / "cgroup.controllers").exists() and "memory" in (V2 / "cgroup.controllers").read_text():
+            self.version, self.path = 2, V2 / name
+        else:
+            raise _bench_error(
+                "no memory cgroup hierarchy (cgroup v1 memory or v2 with the memory controller)"
+            )
+        try:
+            self.path.mkdir(exist_ok=True)
+            if self.version == 1:
+                (self.path / "memory.limit_in_bytes").write_text(str(limit))
+                swap = self.path / "memory.memsw.limit_in_bytes"
+                if swap.exists():
+                    swap.write_text(str(limit))  # no escape into swap either
+            else:
+                (self.path / "memory.max").write_text(str(limit))
+                (self.path / "memory.swap.max").write_text("0")
+        except OSError as e:
+            raise _bench_error(
+                f"cannot make a memory cgroup at {self.path} ({e.strerror}); run as root"
+            ) from None
+
+    def preexec(self) -> None:
+        """In the child, before exec: join the cgroup."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int:
+        """The cgroup's high-water mark: process memory and its page cache."""
+        f = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        try:
+            return int((self.path / f).read_text())
+        except (OSError, ValueError):
+            return -1
+
+    def oom_kills(self) -> int:
+        f = "memory.oom_control" if self.version == 1 else "memory.events"
+        for line in (self.path / f).read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def drop_caches() -> None:
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as e:
+        raise _bench_error(f"cannot drop the page cache ({e.strerror}); run as root") from None
+
+
+def cold_read_bandwidth(path: Path, chunk: int = 64 << 20) -> tuple[float, int]:
+    """Bytes per second reading the whole file with O_DIRECT after dropping the page cache."""
+    from edgert.offload.stream import aligned_empty
+
+    drop_caches()
+    buf = aligned_empty(chunk)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    total, off = 0, 0
+    t = time.perf_counter()
+    try:
+        while True:
+            n = os.preadv(fd, [memoryview(buf)], off)
+            total += n
+            off += n
+            if n < chunk:
+                break
+    finally:
+        os.close(fd)
+    return total / (time.perf_counter() - t), total
+
+
+@dataclass
+class StreamRun:
+    system: str
+    budget: int
+    decode_tps: float
+    tokens: int  # decoded
+    seconds: float
+    peak_rss: int  # the process's own high-water mark (-1 if it was killed)
+    cgroup_peak: int  # process + page cache, as the cgroup counted it
+    oom_kills: int
+    bytes_per_token: float = 0.0  # edgert: streamed from disk per decode step
+    io_wait_per_token: float = 0.0
+    compute_per_token: float = 0.0
+    plan: dict = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass
+class StreamBench:
+    model: str
+    model_bytes: int
+    ctx: int
+    threads: int
+    disk_bps: float
+    runs: list[StreamRun]
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, **asdict(self)}
+
+    def disk_limit_tps(self, run: StreamRun) -> float:
+        return self.disk_bps / run.bytes_per_token if run.bytes_per_token > 0 else 0.0
+
+
+def run_stream_bench(
+    model: str,
+    budgets: Sequence[int],
+    threads: int,
+    ctx: int = 512,
+    decode_tokens: int = 8,
+    llama_python: str | None = None,
+    vs_llama: bool = True,
+    timeout_s: float = 600.0,
+    progress: Callable[[str], None] | None = None,
+) -> StreamBench:
+    """For each budget: edgert with that budget, then llama.cpp (mmap), each in a fresh cgroup
+    limited to the budget, the page cache dropped before each.
+
+    Raises:
+        BenchError: no cgroup or drop_caches (not root), or llama.cpp is missing.
+    """
+    from edgert import loader
+    from edgert.bench import find_llama_python, prompt_ids
+
+    say = progress or (lambda _m: None)
+    path = loader.resolve(model)
+    src = loader.open_source(path)
+    py = find_llama_python(llama_python) if vs_llama else None
+    MemoryCgroup(1 << 40, f"edgert-bench-probe-{os.getpid()}").remove()  # refuse early, clearly
+    drop_caches()
+    ids = prompt_ids(src.tokenizer, 8)
+    spec = dict(model=str(path.resolve()), ctx=ctx, threads=threads, prompt=ids, decode_tokens=decode_tokens)
+    say("cold read bandwidth (O_DIRECT, whole file)")
+    disk_bps, _ = cold_read_bandwidth(path)
+    runs = []
+    for b in budgets:
+        systems = [("edgert", sys.executable)] + ([("llama.cpp", py)] if py else [])
+        for name, python in systems:
+            say(f"{name} at {b / 2**30:.2f} GiB")
+            runs.append(_run_in_cgroup(python, {**spec, "system": name, "budget": b}, b, timeout_s))
+    return StreamBench(str(path), path.stat().st_size, ctx, threads, disk_bps, runs)
+
+
+def _run_in_cgroup(python: str, spec: dict, budget: int, timeout_s: float) -> StreamRun:
+    cg = MemoryCgroup(budget)
+    drop_caches()
+    cmd = [python, "-I", "-c", f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')"]
+    if spec["system"] == "edgert":
+        cmd = [python, "-m", "edgert.bench_stream"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    t = time.monotonic()
+    try:
+        p = subprocess.run(
+            [*cmd, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            preexec_fn=cg.preexec,
+        )
+        lines = p.stdout.strip().splitlines()
+        if p.returncode == 0 and lines:
+            return StreamRun(**json.loads(lines[-1]), cgroup_peak=cg.peak(), oom_kills=cg.oom_kills())
+        err = " | ".join(p.stderr.strip().splitlines()[-2:]) or f"exit status {p.returncode}"
+    except subprocess.TimeoutExpired:
+        err = f"no result within {timeout_s:.0f} s"
+    finally:
+        peak, kills = cg.peak(), cg.oom_kills()
+        cg.remove()
+    return StreamRun(spec["system"], budget, 0.0, 0, time.monotonic() - t, -1, peak, kills, error=err[:300])
+
+
+# ---- workers: one process each, inside the cgroup; the last stdout line is the JSON -------
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _edgert_worker(spec: dict) -> dict:
+    import edgert
+    from edgert.generate import generate_step
+    from edgert.sample import make_sampler
+
+    llm = edgert.load(
+        spec["model"], context=spec["ctx"], threads=spec["threads"], memory_budget=spec["budget"]
+    )
+    steps = generate_step(llm.session, spec["prompt"], make_sampler(), spec["decode_tokens"] + 1)
+    next(steps)
+    t = time.monotonic()
+    n = sum(1 for _ in steps)
+    dt = time.monotonic() - t
+    st = llm.stats
+    pt = st.per_token()
+    return dict(
+        system="edgert",
+        budget=spec["budget"],
+        decode_tps=n / dt,
+        tokens=n,
+        seconds=dt,
+        peak_rss=_peak_rss(),
+        bytes_per_token=pt["bytes_read"],
+        io_wait_per_token=pt["io_wait_s"],
+        compute_per_token=pt["compute_s"],
+        plan={k: v for k, v in llm.model.plan.to_dict().items() if k not in ("pinned", "streamed")},
+    )
+
+
+def _llama_worker(spec: dict) -> dict:
+    import llama_cpp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench import no_extra_buffer_types  # this file runs by path, in an env without edgert
+
+    no_extra_buffer_types(llama_cpp)
+    llm = llama_cpp.Llama(
+        model_path=spec["model"],
+        n_ctx=spec["ctx"],
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        use_mmap=True,
+        seed=0,
+        verbose=False,
+    )
+    llm.eval(spec["prompt"])
+    tok = 0
+    t = time.monotonic()
+    for _ in range(spec["decode_tokens"]):
+        llm.eval([tok])  # the token id does not change the work
+    dt = time.monotonic() - t
+    return dict(
+        system="llama.cpp",
+        budget=spec["budget"],
+        decode_tps=spec["decode_tokens"] / dt,
+        tokens=spec["decode_tokens"],
+        seconds=dt,
+        peak_rss=_peak_rss(),
+    )
+
+
+def format_stream_table(res: StreamBench) -> str:
+    """The benchmark as a Markdown table, one row per budget."""
+    from edgert.bench import LLAMA_NOTE
+
+    by = {}
+    for r in res.runs:
+        by.setdefault(r.budget, {})[r.system] = r
+    lines = [
+        f"model {Path(res.model).name} ({res.model_bytes / 2**30:.2f} GiB), ctx {res.ctx}, "
+        f"{res.threads} threads; cold read bandwidth {res.disk_bps / 1e9:.2f} GB/s (O_DIRECT, whole file)",
+        "",
+        "| budget | edgert tok/s | llama.cpp tok/s | edgert / llama.cpp | streamed per token | "
+        "disk limit tok/s | edgert / disk limit | I/O wait per token | edgert peak RSS | cgroup peak "
+        "| OOM kills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b, s in sorted(by.items()):
+        e, ll = s.get("edgert"), s.get("llama.cpp")
+
+        def tps(r):
+            if r is None:
+                return "–"
+            return f"{r.decode_tps:.3f}" if not r.error else f"failed: {r.error[:60]}"
+
+        ratio = f"{e.decode_tps / ll.decode_tps:.2f}×" if e and ll and ll.decode_tps and not e.error else "–"
+        lim = res.disk_limit_tps(e) if e else 0.0
+        lines.append(
+            f"| {b / 2**30:.2f} GiB | {tps(e)} | {tps(ll)} | {ratio} | "
+            f"{e.bytes_per_token / 2**20:.0f} MiB | {lim:.3f} | "
+            f"{(e.decode_tps / lim if lim else 0):.0%} | {e.io_wait_per_token * 1000:.0f} ms | "
+            f"{e.peak_rss / 2**20:.0f} MiB | {e.cgroup_peak / 2**20:.0f} MiB | "
+            f"{e.oom_kills} / {ll.oom_kills if ll else '–'} |"
+        )
+    lines.append("")
+    lines.append(f"llama.cpp: use_mmap=True; {LLAMA_NOTE}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[-1])
+    worker = _edgert_worker if spec["system"] == "edgert" else _llama_worker
+    try:
+        print(json.dumps(worker(spec)))
+    except Exception as e:  # one line for the table: a budget below the minimum, a failed load
+        sys.exit(f"{type(e).__name__}: {e}")
