@@ -184,3 +184,19 @@ def test_truncated_after_load_fails_clearly(real_model, tmp_path):
         os.truncate(path, path.stat().st_size // 2)
         with pytest.raises(FormatError, match="truncated or changed since it was loaded"):
             llm.generate(" and the capital of Spain is", max_tokens=4)
+
+
+def test_prompt_streams_each_unit_once_per_chunk(real_model):
+    """A prompt of two chunks reads every streamed unit twice, not once per token; the
+    statistics report what was read and waited for."""
+    path = real_model("smollm2-135m")
+    with edgert.load(path, context=CTX, max_tokens=64, memory_budget=budget_for(path)) as llm:
+        s = llm.model.streamer
+        n = len(s.layouts)
+        llm.generate(list(range(1, 101)), max_tokens=3)  # 100 prompt tokens: 2 chunks, then 2 steps
+        assert 4 * n <= s.stats.units_read <= 4 * n + s.window
+        st = llm.stats
+        assert st.streamed and st.prompt_bytes_read >= 2 * sum(lay.size for lay in s.layouts) * 0.9
+        assert (
+            st.bytes_read > 0 and st.per_token()["bytes_read"] > 0.9 * llm.model.plan.streamed_per_token.bytes
+        )
