@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import TINY
 
 
@@ -48,3 +49,35 @@ def test_vs_llama_without_llama_cpp_is_one_clear_line(tmp_path):
 def test_vs_unknown_system():
     r = edgert("bench", TINY / "llama", "--vs", "vllm")
     assert r.returncode == 2 and "llama.cpp" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the budget benchmark's tooling -----------------------------------------------------
+
+
+def test_cgroup_helper_refuses_clearly(tmp_path, monkeypatch):
+    from edgert import bench_stream as bs
+    from edgert.bench import BenchError
+
+    monkeypatch.setattr(bs, "V1", tmp_path / "v1")
+    monkeypatch.setattr(bs, "V2", tmp_path / "v2")
+    with pytest.raises(BenchError, match="no memory cgroup hierarchy"):
+        bs.MemoryCgroup(1 << 30)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "memory.limit_in_bytes").write_text("0")
+    (tmp_path / "v1" / "edgert-bench-x").write_text("a file where the cgroup would go")
+    with pytest.raises(BenchError, match="cannot make a memory cgroup"):
+        bs.MemoryCgroup(1 << 30, "edgert-bench-x")
+
+
+def test_stream_table():
+    from edgert.bench_stream import StreamBench, StreamRun, format_stream_table
+
+    e = StreamRun("edgert", 3 << 29, 0.25, 8, 32.0, 1400 << 20, 1500 << 20, 0, bytes_per_token=3.3e9)
+    ll = StreamRun("llama.cpp", 3 << 29, 0.05, 8, 160.0, 1500 << 20, 1536 << 20, 0)
+    bad = StreamRun("llama.cpp", 1 << 30, 0.0, 0, 600, -1, 1 << 30, 1, error="no result within 600 s")
+    e2 = StreamRun("edgert", 1 << 30, 0.2, 8, 40.0, 1000 << 20, 1 << 30, 0, bytes_per_token=3.5e9)
+    res = StreamBench("/m/7b.gguf", 4_680_000_000, 512, 2, 1.0e9, 0.2e9, [e, ll, e2, bad])
+    table = format_stream_table(res)
+    assert "| 1.50 GiB | 0.250 | 0.050 | 5.00× | 3147 MiB | 0.303 | 82% |" in table
+    assert "failed: no result within 600 s" in table and "| 0 / 1 |" in table
+    assert res.to_dict()["schema"] == "edgert-bench-stream/1"
