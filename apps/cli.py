@@ -28,6 +28,7 @@ TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
 Seed = Annotated[Optional[int], typer.Option("--seed")]  # noqa: UP045
 RepPen = Annotated[float, typer.Option("--repeat-penalty", min=0.0)]
+KvBits = Annotated[int, typer.Option("--kv-bits", help="KV cache: 16 (fp16), 8, or 4 (KIVI).")]
 
 
 def _cache_dir() -> Path | None:
@@ -58,16 +59,19 @@ def _progress():
 COMPILE_NOTICE = "compiling edgert's kernels (once, after an install; about a minute)..."
 
 
-def _load(model: str, ctx: int, threads: int | None):
+def _load(model: str, ctx: int, threads: int | None, kv_bits: int = 16):
+    from edgert.quant.kv import check_kv_bits
+
     from edgert import LLM, loader
     from edgert.api import set_threads
     from edgert.jit import kernels_cached
 
     set_threads(threads)
+    check_kv_bits(kv_bits)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     if not kernels_cached():
         typer.echo(COMPILE_NOTICE, err=True)
-    return LLM(src, context=ctx)
+    return LLM(src, context=ctx, kv_bits=kv_bits)
 
 
 def _stats_line(st) -> str:
@@ -91,10 +95,11 @@ def run(
     repeat_penalty: RepPen = 1.0,
     ctx: Ctx = 4096,
     threads: Threads = None,
+    kv_bits: KvBits = 16,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence.")] = False,
 ) -> None:
     """Complete a prompt. Only the generated text goes to stdout; statistics go to stderr."""
-    llm = _load(model, ctx, threads)
+    llm = _load(model, ctx, threads, kv_bits)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     for r in llm.stream(
         prompt, max_tokens=max_tokens, ignore_eos=ignore_eos, repetition_penalty=repeat_penalty, **opts
@@ -118,6 +123,7 @@ def chat(
     repeat_penalty: RepPen = 1.0,
     ctx: Ctx = 4096,
     threads: Threads = None,
+    kv_bits: KvBits = 16,
 ) -> None:
     """Chat with a model. /reset clears the conversation, /stats shows speed, /exit quits.
 
@@ -125,7 +131,7 @@ def chat(
     """
     import edgert
 
-    llm = _load(model, ctx, threads)
+    llm = _load(model, ctx, threads, kv_bits)
     tty = sys.stdin.isatty()
     opts = dict(
         max_tokens=max_tokens,

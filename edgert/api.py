@@ -15,9 +15,11 @@ from edgert.sample import make_sampler
 class LLM:
     """A loaded model with one conversation's KV cache. Not thread-safe: one call at a time."""
 
-    def __init__(self, source: loader.ModelSource, context: int | None = None, max_tokens: int = 64):
+    def __init__(
+        self, source: loader.ModelSource, context: int | None = None, max_tokens: int = 64, kv_bits: int = 16
+    ):
         self.source = source
-        self.model = loader.build(source, context, max_tokens=max_tokens)
+        self.model = loader.build(source, context, max_tokens=max_tokens, kv_bits=kv_bits)
         self.tokenizer = source.tokenizer
         self.session = Session(self.model, self.tokenizer)
 
@@ -96,6 +98,7 @@ def load(
     cache_dir: Path | None = None,
     progress=None,
     max_tokens: int = 64,
+    kv_bits: int = 16,
 ) -> LLM:
     """Load a model: a .gguf file, an HF safetensors folder, or a known name (pulled on first use).
 
@@ -103,9 +106,10 @@ def load(
         context: the KV cache's length in tokens (capped at the model's trained context).
         threads: compute threads (default: all cores).
         max_tokens: prompt tokens per forward chunk.
+        kv_bits: KV cache precision: 16 (fp16), 8 (per token) or 4 (KIVI: keys per channel).
     Raises:
-        FormatError, UnsupportedError, ModelNotFoundError, DownloadError.
+        FormatError, UnsupportedError, ModelNotFoundError, DownloadError, OptionError (kv_bits).
     """
     set_threads(threads)
     path = loader.resolve(model, cache_dir, progress)
-    return LLM(loader.open_source(path), context, max_tokens)
+    return LLM(loader.open_source(path), context, max_tokens, kv_bits)

@@ -21,6 +21,7 @@ from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, get_rows, matmul, pack
+from edgert.quant.kv import QuantKVCache, check_kv_bits
 from edgert.weights import WeightStore
 
 # ---- config --------------------------------------------------------------------------
@@ -286,8 +287,13 @@ def attention_block(
         K.rmsnorm(k.reshape(-1, hd), k.reshape(-1, hd), L.k_norm, a.norm_eps)
     K.rope(q3, rope[0], rope[1], pos, a.rope_neox)
     K.rope(k3, rope[0], rope[1], pos, a.rope_neox)
-    keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
     att = ws.att[:T].reshape(T, -1, hd)  # (T, Hq, D)
+    if isinstance(cache, QuantKVCache):  # 8/4-bit: attention reads the codes directly
+        cache.update(k3, v.reshape(T, -1, hd), pos)
+        cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores)
+        project(ws, ws.out[:T], ws.att[:T], L.wo)
+        return ws.out[:T]
+    keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
     if keys.dtype == np.float16:
         K.attention_f16(
             att,
@@ -500,9 +506,11 @@ class Transformer:
         comm=None,
         max_tokens: int = 64,
         kv_dtype=np.float16,
+        kv_bits: int = 16,
     ):
         self.args = a = args
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = kv_dtype  # of the 16-bit cache: float16, or float32 (tests)
+        self.kv_bits = check_kv_bits(kv_bits)
         self.store = store
         self.context = context
         self.shard = shard or Shard.full(a)
@@ -519,9 +527,12 @@ class Transformer:
     def load_layer(self, store: WeightStore, i: int) -> LayerWeights:
         raise NotImplementedError
 
-    def make_cache(self):
-        n_kv, hd = len(self.shard.kv), self.args.head_dim
-        return [KVCache(n_kv, hd, self.context, self.kv_dtype) for _ in self.layers]
+    def make_cache(self, kv_bits: int | None = None):
+        """One KV cache per layer: 16-bit (kv_dtype), or 8/4-bit quantized (default: self.kv_bits)."""
+        n_kv, hd, bits = len(self.shard.kv), self.args.head_dim, check_kv_bits(kv_bits or self.kv_bits)
+        if bits == 16:
+            return [KVCache(n_kv, hd, self.context, self.kv_dtype) for _ in self.layers]
+        return [QuantKVCache(n_kv, hd, self.context, bits) for _ in self.layers]
 
     @property
     def max_tokens(self) -> int:
