@@ -243,6 +243,10 @@ from edgert.apps.bench import bench  # noqa: E402
 app.command()(bench)
 
 
+from edgert.apps.perplexity import perplexity  # noqa: E402
+
+app.command()(perplexity)
+
 app.command("plan")(plan_cmd.plan)
 app.command("profile")(plan_cmd.profile)
 
