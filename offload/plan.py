@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from edgert.offload.memory import ZERO, Memory
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.units import Unit, units
+from edgert.quant.kv import cache_bytes
 
 from edgert.errors import BudgetError
 from edgert.models.base import ModelArgs, Shard
@@ -101,11 +102,16 @@ class Plan:
 # ---- sizes from the model config ------------------------------------------------------
 
 
-def kv_bytes_per_token(args: ModelArgs, shard: Shard | None = None, itemsize: int = 2) -> int:
+def kv_bytes_per_token(
+    args: ModelArgs, shard: Shard | None = None, itemsize: int = 2, kv_bits: int = 16, context: int = 1
+) -> int:
     """K and V of every layer for one position (fp16 by default; every layer keeps the full
-    context, sliding-window layers included, as edgert's KVCache does)."""
+    context, sliding-window layers included, as edgert's KVCache does). kv_bits 8 or 4: the
+    quantized caches of edgert.quant.kv, whose fixed fp16 residual is spread over `context`."""
     n_kv = len(shard.kv) if shard else args.n_kv_heads
-    return 2 * args.n_layers * n_kv * args.head_dim * itemsize
+    if kv_bits == 16:
+        return 2 * args.n_layers * n_kv * args.head_dim * itemsize
+    return -(-cache_bytes(kv_bits, args.n_layers, n_kv, args.head_dim, context) // context)
 
 
 def workspace_bytes(
@@ -284,8 +290,9 @@ def plan_model(
     shard: Shard | None = None,
     overhead: Memory = DEFAULT_OVERHEAD,
     max_tokens: int = 64,
+    kv_bits: int = 16,
 ) -> Plan:
-    """`plan` for a model catalog: units, KV bytes and workspace computed from the config.
+    """`plan` for a model catalog: units, KV bytes (at kv_bits) and workspace from the config.
 
     Raises:
         BudgetError: the budget is below the minimum working set.
@@ -295,7 +302,7 @@ def plan_model(
         units(store, args, shard),
         budget,
         context,
-        kv_bytes_per_token(args, shard),
+        kv_bytes_per_token(args, shard, kv_bits=kv_bits, context=context),
         profile,
         overhead,
         Memory(workspace_bytes(args, context, max_tokens, profile.cores, shard)),

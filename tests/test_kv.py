@@ -173,3 +173,26 @@ def test_quantized_caches_in_a_model(gemma_tiny):
         got = logits(model.make_cache(bits))
         assert np.abs(got - ref).mean() < tol * np.abs(ref).mean(), bits
         assert (got.argmax(-1) == ref.argmax(-1)).mean() > (0.97 if bits == 8 else 0.85)
+
+
+def test_plan_counts_the_quantized_cache():
+    from edgert.offload.memory import Memory
+    from edgert.offload.plan import kv_bytes_per_token, plan_model
+    from edgert.offload.profile import load_profile
+
+    src = loader.open_source(TINY / "gemma3")
+    a, ctx = src.args, 256
+    for bits in (16, 8, 4):
+        cache = loader.build(src, context=ctx, kv_bits=bits).make_cache()
+        for c in cache:
+            (c.update_and_fetch if isinstance(c, KVCache) else c.update)(
+                *_kv(ctx, a.n_kv_heads, a.head_dim), 0
+            )
+        assert kv_bytes_per_token(a, kv_bits=bits, context=ctx) * ctx == pytest.approx(
+            sum(c.nbytes for c in cache), abs=ctx
+        )
+    plans = {
+        b: plan_model(src.store, a, Memory(1 << 30), ctx, load_profile("laptop-8gb"), kv_bits=b)
+        for b in (16, 4)
+    }
+    assert plans[4].kv.bytes == kv_bytes_per_token(a, kv_bits=4, context=ctx) * ctx < plans[16].kv.bytes
