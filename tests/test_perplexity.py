@@ -97,9 +97,17 @@ def test_cli_json(text, tmp_path):
         (["--text", "/no/such.txt"], "no such text file"),
         (["-c", 4096], "trained context"),
         (["--kv-bits", 3], "16, 8, 4"),
-        (["-c", 1000], "fewer than one chunk"),
+        (["--text", "short", "-c", 64], "fewer than one chunk"),
     ],
 )
-def test_bad_input(text, args, needle):
-    args = ["--text", text, *args] if args[0] != "--text" else args
+def test_bad_input(text, tmp_path, args, needle):
+    (tmp_path / "short").write_text("To be, or not to be.")
+    args = [tmp_path / a if a == "short" else a for a in args]
+    args = args if args[0] == "--text" else ["--text", text, *args]
     assert_clean_error(edgert("perplexity", TINY / "llama", *args), needle, code=1)
+
+
+def test_run_with_kv_bits():
+    r = edgert("run", TINY / "llama", "-p", "hello", "-n", 4, "--ignore-eos", "--kv-bits", 4, "-c", 64)
+    assert r.returncode == 0, r.stderr
+    assert_clean_error(edgert("run", TINY / "llama", "-p", "hello", "--kv-bits", 5), "16, 8, 4", code=1)

@@ -291,24 +291,23 @@ def attention_block(
     if isinstance(cache, QuantKVCache):  # 8/4-bit: attention reads the codes directly
         cache.update(k3, v.reshape(T, -1, hd), pos)
         cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores)
-        project(ws, ws.out[:T], ws.att[:T], L.wo)
-        return ws.out[:T]
-    keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
-    if keys.dtype == np.float16:
-        K.attention_f16(
-            att,
-            q3,
-            keys.view(np.uint16),
-            values.view(np.uint16),
-            pos,
-            a.q_scale,
-            window,
-            a.attn_softcap,
-            ws.scores,
-            K.F16_TABLE,
-        )
     else:
-        K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
+        keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
+        if keys.dtype == np.float16:
+            K.attention_f16(
+                att,
+                q3,
+                keys.view(np.uint16),
+                values.view(np.uint16),
+                pos,
+                a.q_scale,
+                window,
+                a.attn_softcap,
+                ws.scores,
+                K.F16_TABLE,
+            )
+        else:
+            K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
     att = ws.att[:T]
     project(ws, ws.out[:T], att, L.wo)
     return ws.out[:T]
