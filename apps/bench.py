@@ -42,7 +42,8 @@ def format_table(res: BenchResult) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     out = [
         f"model     {res.model} ({res.arch}, {res.model_bytes / 2**20:.0f} MiB)",
-        f"settings  threads {st['threads']} · ctx {st['ctx']} · {st['repeat']} runs each (median "
+        f"settings  threads {st['threads']} · ctx {st['ctx']} · edgert KV "
+        f"{res.systems[EDGERT].settings.get('kv_bits', 16)}-bit · {st['repeat']} runs each (median "
         f"[min–max] ±half-range) · decode {st['decode_tokens']} greedy tokens after "
         f"{st['decode_prompt_tokens']}",
     ]
@@ -93,6 +94,7 @@ def bench(
     quick: Annotated[
         bool, typer.Option("--quick", help="Small sizes: prompts 32 and 64, decode 16.")
     ] = False,
+    kv_bits: Annotated[int, typer.Option("--kv-bits", help="edgert's KV cache: 16, 8 or 4.")] = 16,
     memory_budget: Annotated[
         list[str] | None,
         typer.Option(
@@ -111,6 +113,8 @@ def bench(
     With --memory-budget: decode speed under each budget beside llama.cpp (mmap) in the same
     cgroup limit, and beside the disk limit measured in the same run.
     """
+    from edgert.quant.kv import check_kv_bits
+
     if vs is not None and vs.lower() not in ("llama.cpp", "llama-cpp", "llamacpp"):
         raise typer.BadParameter(f"{vs}: the only system to compare with is llama.cpp", param_hint="--vs")
     if memory_budget:
@@ -128,6 +132,7 @@ def bench(
         llama_mmap=llama_mmap,
         membw_mib=256 if quick else 1024,
         cache_dir=Path(os.environ["EDGERT_HOME"]) if os.environ.get("EDGERT_HOME") else None,
+        kv_bits=check_kv_bits(kv_bits),
     )
     from edgert.bench import run_bench
     from edgert.errors import EdgertError

@@ -41,6 +41,7 @@ Profile = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option("--profile", help="Device profile for the memory plan's prediction (name or TOML)."),
 ]
+KvBits = Annotated[int, typer.Option("--kv-bits", help="KV cache: 16 (fp16), 8, or 4 (KIVI).")]
 
 
 def _cache_dir() -> Path | None:
@@ -71,17 +72,27 @@ def _progress():
 COMPILE_NOTICE = "compiling edgert's kernels (once, after an install; about a minute)..."
 
 
-def _load(model: str, ctx: int, threads: int | None, memory_budget: str | None = None, profile=None):
+def _load(
+    model: str,
+    ctx: int,
+    threads: int | None,
+    kv_bits: int = 16,
+    memory_budget: str | None = None,
+    profile=None,
+):
+    from edgert.quant.kv import check_kv_bits
+
     from edgert import LLM, loader
     from edgert.api import set_threads
     from edgert.jit import kernels_cached
 
     set_threads(threads)
+    check_kv_bits(kv_bits)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     budget = plan_cmd.parse_budget(memory_budget, src.store.nbytes()) if memory_budget else None
     if not kernels_cached():
         typer.echo(COMPILE_NOTICE, err=True)
-    return LLM(src, context=ctx, memory_budget=budget, profile=profile)
+    return LLM(src, context=ctx, memory_budget=budget, profile=profile, kv_bits=kv_bits)
 
 
 def _stats_line(st) -> str:
@@ -112,13 +123,14 @@ def run(
     repeat_penalty: RepPen = 1.0,
     ctx: Ctx = 4096,
     threads: Threads = None,
+    kv_bits: KvBits = 16,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at end-of-sequence.")] = False,
     memory_budget: Budget = None,
     profile: Profile = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print the memory plan too.")] = False,
 ) -> None:
     """Complete a prompt. Only the generated text goes to stdout; statistics go to stderr."""
-    llm = _load(model, ctx, threads, memory_budget, profile)
+    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile)
     if verbose and llm.model.plan is not None:
         typer.echo(plan_cmd.plan_summary(llm.model.plan), err=True)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
@@ -146,6 +158,7 @@ def chat(
     threads: Threads = None,
     memory_budget: Budget = None,
     profile: Profile = None,
+    kv_bits: KvBits = 16,
 ) -> None:
     """Chat with a model. /reset clears the conversation, /stats shows speed, /exit quits.
 
@@ -153,7 +166,7 @@ def chat(
     """
     import edgert
 
-    llm = _load(model, ctx, threads, memory_budget, profile)
+    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile)
     tty = sys.stdin.isatty()
     opts = dict(
         max_tokens=max_tokens,
@@ -264,6 +277,10 @@ from edgert.apps.bench import bench  # noqa: E402
 
 app.command()(bench)
 
+
+from edgert.apps.perplexity import perplexity  # noqa: E402
+
+app.command()(perplexity)
 
 app.command("plan")(plan_cmd.plan)
 app.command("profile")(plan_cmd.profile)

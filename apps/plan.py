@@ -42,23 +42,28 @@ def plan(
     ] = None,
     ctx: Annotated[int, typer.Option("-c", "--ctx", help="Context length in tokens.", min=1)] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    kv_bits: Annotated[int, typer.Option("--kv-bits", help="KV cache: 16 (fp16), 8 or 4.")] = 16,
 ) -> None:
     """Plan which weights stay resident under a memory budget, and predict tokens per second.
 
     Without --profile, the plan uses this host's profile if `edgert profile` saved one,
     else the shipped laptop-8gb profile.
     """
-    from edgert.offload.plan import plan_model
+    from edgert.offload.plan import kv_bytes_per_token, measured_overhead, plan_model
     from edgert.offload.profile import default_profile
+    from edgert.quant.kv import KV_BITS, check_kv_bits
 
     from edgert import loader
 
     src = loader.open_source(loader.resolve(model, _home() if os.environ.get("EDGERT_HOME") else None))
     prof, which = default_profile(profile)
     budget = parse_budget(memory_budget, src.store.nbytes())
-    p = plan_model(src.store, src.args, budget, ctx, prof)
+    overhead = measured_overhead()  # the same measure a run takes, in a process at the same point
+    p = plan_model(src.store, src.args, budget, ctx, prof, overhead=overhead, kv_bits=check_kv_bits(kv_bits))
+    kv_at = {b: kv_bytes_per_token(src.args, kv_bits=b, context=p.context) * p.context for b in KV_BITS}
     if as_json:
-        typer.echo(json.dumps({"model": str(src.path), **p.to_dict()}, indent=2))
+        extra = {"kv_bits": kv_bits, "kv_bytes_at_bits": kv_at}
+        typer.echo(json.dumps({"model": str(src.path), **p.to_dict(), **extra}, indent=2))
         return
     if which:
         typer.echo(f"(profile: {which})", err=True)
@@ -79,6 +84,10 @@ def plan(
         f"pinned {p.pinned_bytes} · window {p.window} x {p.slot} = {p.window_bytes}"
     )
     line(f"  used {p.used}, headroom {p.budget - p.used}")
+    line(
+        f"KV cache       {kv_bits}-bit; at {p.context} tok: "
+        + " · ".join(f"{b}-bit {_mib(n)}" for b, n in kv_at.items())
+    )
     line(f"pinned         {n_pinned} units, {p.pinned_bytes}: {_names(p.pinned)}")
     line(f"streamed       {n_streamed} units, {p.streamed_per_token} read per token: {_names(p.streamed)}")
     if p.on_demand:

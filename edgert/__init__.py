@@ -14,6 +14,7 @@ from edgert.errors import (
     EdgertError,
     FormatError,
     ModelNotFoundError,
+    OptionError,
     UnsupportedError,
 )
 from edgert.generate import GenerationResponse, Stats, generate, stream_generate
@@ -36,4 +37,5 @@ __all__ = [
     "ContextError",
     "BudgetError",
     "ClusterError",
+    "OptionError",
 ]

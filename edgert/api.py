@@ -22,9 +22,10 @@ class LLM:
         max_tokens: int = 64,
         memory_budget: str | int | None = None,
         profile: str | None = None,
+        kv_bits: int = 16,
     ):
         self.source = source
-        self.model = loader.build(source, context, max_tokens, memory_budget, profile)
+        self.model = loader.build(source, context, max_tokens, memory_budget, profile, kv_bits=kv_bits)
         self.tokenizer = source.tokenizer
         self.session = Session(self.model, self.tokenizer)
 
@@ -115,6 +116,7 @@ def load(
     max_tokens: int = 64,
     memory_budget: str | int | None = None,
     profile: str | None = None,
+    kv_bits: int = 16,
 ) -> LLM:
     """Load a model: a .gguf file, an HF safetensors folder, or a known name (pulled on first use).
 
@@ -126,10 +128,11 @@ def load(
             that do not fit stream from disk through a prefetch window. None: all resident.
         profile: the device profile the memory plan predicts speed from (a shipped name or a
             TOML path; default: this host's measured one, else laptop-8gb).
+        kv_bits: KV cache precision: 16 (fp16), 8 (per token) or 4 (KIVI: keys per channel).
     Raises:
-        FormatError, UnsupportedError, ModelNotFoundError, DownloadError; BudgetError when
-        the budget is below the minimum working set (the message gives the minimum).
+        FormatError, UnsupportedError, ModelNotFoundError, DownloadError, OptionError (kv_bits);
+        BudgetError when the budget is below the minimum working set (the message gives it).
     """
     set_threads(threads)
     path = loader.resolve(model, cache_dir, progress)
-    return LLM(loader.open_source(path), context, max_tokens, memory_budget, profile)
+    return LLM(loader.open_source(path), context, max_tokens, memory_budget, profile, kv_bits)

@@ -56,6 +56,7 @@ class BenchConfig:
     llama_mmap: bool = True
     membw_mib: int = 1024  # array streamed by the bandwidth probe
     cache_dir: Path | None = None  # where named models are pulled
+    kv_bits: int = 16  # edgert's KV cache (llama.cpp keeps its default f16 cache)
     timeout_s: float = 1800.0  # per run
 
 
@@ -210,7 +211,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         decode_prompt=ids[:DECODE_PROMPT],
         decode_tokens=cfg.decode_tokens,
     )
-    systems = {EDGERT: (sys.executable, {**base, "system": EDGERT})}
+    systems = {EDGERT: (sys.executable, {**base, "system": EDGERT, "kv_bits": cfg.kv_bits})}
     if cfg.vs_llama:
         py = find_llama_python(cfg.llama_python)
         systems[LLAMA] = (py, {**base, "system": LLAMA, "mmap": cfg.llama_mmap})
@@ -236,7 +237,9 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     results = {}
     for name, rs in runs.items():
         settings = {"threads": cfg.threads, "ctx": ctx}
-        if name != EDGERT:
+        if name == EDGERT:
+            settings["kv_bits"] = cfg.kv_bits
+        else:
             settings.update(n_batch=512, use_mmap=systems[name][1]["mmap"], note=LLAMA_NOTE)
         results[name] = SystemResult(name, settings, rs, summarize(rs))
     ratios = {}
@@ -291,7 +294,7 @@ def _edgert_worker(spec: dict) -> dict:
     from edgert.sample import make_sampler
 
     t0 = time.monotonic()
-    llm = edgert.load(spec["model"], context=spec["ctx"], threads=spec["threads"])
+    llm = edgert.load(spec["model"], context=spec["ctx"], threads=spec["threads"], kv_bits=spec["kv_bits"])
     load_s = time.monotonic() - t0
     steps = generate_step(llm.session, spec["decode_prompt"], make_sampler(), spec["decode_tokens"])
     tokens = [next(steps)]

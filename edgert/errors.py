@@ -21,6 +21,10 @@ class DownloadError(EdgertError):
     """Fetching or verifying a model failed."""
 
 
+class OptionError(EdgertError):
+    """A setting edgert cannot use (KV cache bits, an input file), with the values it accepts."""
+
+
 class ContextError(EdgertError):
     """The prompt (plus what must be generated) does not fit the context window."""
 

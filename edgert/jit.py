@@ -14,8 +14,9 @@ def _dispatchers():
     from edgert import kernels, sample
     from edgert.models import base
     from edgert.quant import kernels as qkernels
+    from edgert.quant import kv_kernels
 
-    for mod in (kernels, qkernels, sample, base):
+    for mod in (kernels, qkernels, kv_kernels, sample, base):
         for obj in vars(mod).values():
             if isinstance(obj, CPUDispatcher) and obj._cache is not None:
                 yield obj

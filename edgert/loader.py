@@ -135,16 +135,21 @@ def build(
     ctx = min(context or src.args.context_length, src.args.context_length)
     plan = None
     if memory_budget is not None:
-        plan = make_plan(src, memory_budget, ctx, max_tokens, profile)
+        plan = make_plan(src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16))
         src.store.drop_cache = True  # what is packed leaves the page cache too
     return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, **kw)
 
 
 def make_plan(
-    src: ModelSource, memory_budget, context: int, max_tokens: int = 64, profile: str | None = None
+    src: ModelSource,
+    memory_budget,
+    context: int,
+    max_tokens: int = 64,
+    profile: str | None = None,
+    kv_bits: int = 16,
 ):
     from edgert.offload.memory import Memory
-    from edgert.offload.plan import plan_model
+    from edgert.offload.plan import measured_overhead, plan_model
     from edgert.offload.profile import default_profile
 
     try:
@@ -152,4 +157,13 @@ def make_plan(
     except ValueError as e:
         raise BudgetError(f"memory budget: {e}") from None
     prof, _ = default_profile(profile)
-    return plan_model(src.store, src.args, budget, context, prof, max_tokens=max_tokens)
+    return plan_model(
+        src.store,
+        src.args,
+        budget,
+        context,
+        prof,
+        max_tokens=max_tokens,
+        kv_bits=kv_bits,
+        overhead=measured_overhead(),
+    )

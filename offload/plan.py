@@ -39,6 +39,7 @@ from edgert.offload.memory import ZERO, Memory
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
+from edgert.quant.kv import cache_bytes
 
 from edgert.errors import BudgetError
 from edgert.models.base import ModelArgs, Shard
@@ -52,6 +53,21 @@ MAX_WINDOW = 8
 # 211 MiB for gemma-3-270m (262k), 224 MiB for qwen2.5-coder-0.5b (151k). The tokenizer
 # and GGUF metadata are most of the spread. Rounded up to leave ~7% headroom.
 DEFAULT_OVERHEAD = Memory(240 << 20)
+# What loading adds to a process that has opened its model (imported edgert, parsed the
+# metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
+# packed, allocator slack. Measured peak minus pre-load high-water mark: 30-45 MiB for the
+# three real models through the CLI; rounded up.
+LOAD_MARGIN = Memory(64 << 20)
+
+
+def measured_overhead() -> Memory:
+    """The runtime's share of a budget for this process, measured instead of guessed: its
+    high-water mark so far (interpreter, libraries, tokenizer: 140-230 MiB for the real
+    models, most of the spread being the tokenizer) plus LOAD_MARGIN. Call it after the model
+    is opened and before it is built."""
+    import resource
+
+    return Memory(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) + LOAD_MARGIN
 
 
 @dataclass(frozen=True)
@@ -102,11 +118,16 @@ class Plan:
 # ---- sizes from the model config ------------------------------------------------------
 
 
-def kv_bytes_per_token(args: ModelArgs, shard: Shard | None = None, itemsize: int = 2) -> int:
+def kv_bytes_per_token(
+    args: ModelArgs, shard: Shard | None = None, itemsize: int = 2, kv_bits: int = 16, context: int = 1
+) -> int:
     """K and V of every layer for one position (fp16 by default; every layer keeps the full
-    context, sliding-window layers included, as edgert's KVCache does)."""
+    context, sliding-window layers included, as edgert's KVCache does). kv_bits 8 or 4: the
+    quantized caches of edgert.quant.kv, whose fixed fp16 residual is spread over `context`."""
     n_kv = len(shard.kv) if shard else args.n_kv_heads
-    return 2 * args.n_layers * n_kv * args.head_dim * itemsize
+    if kv_bits == 16:
+        return 2 * args.n_layers * n_kv * args.head_dim * itemsize
+    return -(-cache_bytes(kv_bits, args.n_layers, n_kv, args.head_dim, context) // context)
 
 
 def workspace_bytes(
@@ -285,8 +306,9 @@ def plan_model(
     shard: Shard | None = None,
     overhead: Memory = DEFAULT_OVERHEAD,
     max_tokens: int = 64,
+    kv_bits: int = 16,
 ) -> Plan:
-    """`plan` for a model catalog: units, KV bytes and workspace computed from the config.
+    """`plan` for a model catalog: units, KV bytes (at kv_bits) and workspace from the config.
 
     Raises:
         BudgetError: the budget is below the minimum working set.
@@ -296,7 +318,7 @@ def plan_model(
         units(store, args, shard),
         budget,
         context,
-        kv_bytes_per_token(args, shard),
+        kv_bytes_per_token(args, shard, kv_bits=kv_bits, context=context),
         profile,
         overhead,
         Memory(workspace_bytes(args, context, max_tokens, profile.cores, shard)),

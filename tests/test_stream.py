@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REAL_MODELS
 from edgert.offload.stream import ALIGN, RowReader, Streamer, layout
-from edgert.offload.units import ByteRange, Unit
+from edgert.offload.units import ByteRange, Unit, units
 from edgert.quant.formats import QType
 
 import edgert
@@ -114,18 +115,19 @@ CTX = 256
 
 
 def budget_for(path: Path, share: float = 0.4) -> int:
-    """`share` of the model's bytes plus the runtime's own overhead: interpreter and kernels,
-    KV cache for the context, workspace, norms (the plan's fixed costs)."""
+    """`share` of the model's bytes plus the runtime's own overhead, as `edgert plan` reports
+    it from a fresh process: interpreter, tokenizer and kernels, the KV cache for the
+    context, the workspace, the norms."""
+    r = subprocess.run(
+        [sys.executable, "-m", "edgert.apps.cli", "plan", str(path), "-m", "1TiB", "-c", str(CTX), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    p = json.loads(r.stdout)
     src = loader.open_source(path)
-    p = loader.make_plan(src, 1 << 40, CTX)
-    norms = sum(u.nbytes for u in _units_of(src) if u.kind == "norms")
-    return int(share * path.stat().st_size) + p.overhead.bytes + p.kv.bytes + p.workspace.bytes + norms
-
-
-def _units_of(src):
-    from edgert.offload.units import units
-
-    return units(src.store, src.args)
+    norms = sum(u.nbytes for u in units(src.store, src.args) if u.kind == "norms")
+    return int(share * path.stat().st_size) + p["overhead"] + p["kv"] + p["workspace"] + norms
 
 
 def _run(path: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, int]:

@@ -22,6 +22,7 @@ from edgert.errors import FormatError, UnsupportedError
 from edgert.offload.stream import RowReader
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
+from edgert.quant.kv import QuantKVCache, check_kv_bits
 from edgert.weights import WeightStore
 
 # ---- config --------------------------------------------------------------------------
@@ -289,23 +290,27 @@ def attention_block(
         K.rmsnorm(k.reshape(-1, hd), k.reshape(-1, hd), L.k_norm, a.norm_eps)
     K.rope(q3, rope[0], rope[1], pos, a.rope_neox)
     K.rope(k3, rope[0], rope[1], pos, a.rope_neox)
-    keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
     att = ws.att[:T].reshape(T, -1, hd)  # (T, Hq, D)
-    if keys.dtype == np.float16:
-        K.attention_f16(
-            att,
-            q3,
-            keys.view(np.uint16),
-            values.view(np.uint16),
-            pos,
-            a.q_scale,
-            window,
-            a.attn_softcap,
-            ws.scores,
-            K.F16_TABLE,
-        )
+    if isinstance(cache, QuantKVCache):  # 8/4-bit: attention reads the codes directly
+        cache.update(k3, v.reshape(T, -1, hd), pos)
+        cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores)
     else:
-        K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
+        keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
+        if keys.dtype == np.float16:
+            K.attention_f16(
+                att,
+                q3,
+                keys.view(np.uint16),
+                values.view(np.uint16),
+                pos,
+                a.q_scale,
+                window,
+                a.attn_softcap,
+                ws.scores,
+                K.F16_TABLE,
+            )
+        else:
+            K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
     att = ws.att[:T]
     project(ws, ws.out[:T], att, L.wo)
     return ws.out[:T]
@@ -517,9 +522,11 @@ class Transformer:
         max_tokens: int = 64,
         kv_dtype=np.float16,
         plan=None,
+        kv_bits: int = 16,
     ):
         self.args = a = args
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = kv_dtype  # of the 16-bit cache: float16, or float32 (tests)
+        self.kv_bits = check_kv_bits(kv_bits)
         self.store = store
         self.context = context
         self.shard = shard or Shard.full(a)
@@ -646,9 +653,12 @@ class Transformer:
         if type(self.embed) is RowReader:
             self.embed.close()
 
-    def make_cache(self):
-        n_kv, hd = len(self.shard.kv), self.args.head_dim
-        return [KVCache(n_kv, hd, self.context, self.kv_dtype) for _ in self.layers]
+    def make_cache(self, kv_bits: int | None = None):
+        """One KV cache per layer: 16-bit (kv_dtype), or 8/4-bit quantized (default: self.kv_bits)."""
+        n_kv, hd, bits = len(self.shard.kv), self.args.head_dim, check_kv_bits(kv_bits or self.kv_bits)
+        if bits == 16:
+            return [KVCache(n_kv, hd, self.context, self.kv_dtype) for _ in self.layers]
+        return [QuantKVCache(n_kv, hd, self.context, bits) for _ in self.layers]
 
     @property
     def max_tokens(self) -> int:
