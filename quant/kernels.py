@@ -173,8 +173,10 @@ class MatmulScratch:
         self.xq_flat = self.xq.reshape(-1)
         nt = numba.config.NUMBA_NUM_THREADS
         self.wf = np.zeros((nt, self.max_k), np.float32)  # per-thread f32 weight row (F16/BF16, T > 1)
-        self.accs = np.zeros((nt, 16 * self.max_rows), np.float32)  # per-thread [T, 16 rows] sums
-        self.isums = np.zeros((nt, 32), np.int32)  # per-thread integer block sums of 16 rows
+        self.accs = np.zeros((nt, 16 * _pk.TC), np.float32)  # per-thread [token chunk, 16 rows] sums
+        # flat views for the packed kernels, which index [row * (row length) + block]
+        self.xd_flat, self.xs_flat = self.xd.reshape(-1), self.xs.reshape(-1)
+        self.xsum_flat, self.bsums_flat = self.xsum.reshape(-1), self.bsums.reshape(-1)
 
 
 # ---------------------------------------------------------------- block layouts
@@ -658,12 +660,12 @@ def matmul(
     if packed is not None:
         if qt in _Q8_K_WEIGHTS:
             _quantize_q8_k(x, s.xq, s.xd, s.bsums)
-            _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd, s.bsums, s.accs, s.isums)
+            _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd_flat, s.bsums_flat, s.accs)
         else:
             _quantize_q8_0(x, s.xq, s.xd, s.xs, qt in _Q8_1_WEIGHTS)
             _pk._block_sums(s.xq, T, K, s.xsum)
             xq, xk = s.xq_flat, s.max_k
-            _pk._mm_q32(out, packed, N, K, T, int(qt), xq, xk, s.xd, s.xs, s.xsum, s.accs, s.isums)
+            _pk._mm_q32(out, packed, N, K, T, int(qt), xq, xk, s.xd_flat, s.xs_flat, s.xsum_flat, s.accs)
         return
     wf, rs = _flat_rows(w, qt, K)
     if qt in _FLOAT_WEIGHTS:
