@@ -353,12 +353,12 @@ def unpack(w: PackedWeight) -> np.ndarray:
 # are exactly those of a one-token call (fmul of the scales, sitofp of the integer sum, one fma
 # per term, blocks in order), so prefill and decode stay bit-identical.
 
-_I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V16I32 = ir.VectorType(_I32, 16)
 _V16I8 = ir.VectorType(_I8, 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
 _V16F16 = ir.VectorType(ir.HalfType(), 16)
-NT = 4  # tokens per register tile
+NT = 4  # tokens per register tile: 8 spills registers in the K-quant tiles
 
 
 def _const(v):
@@ -433,16 +433,36 @@ def _quants(A, o_nib, o_hi, bits):
     return qs
 
 
-def _dot(A, qs, ms, xoff):
+def _dot(A, qs, ms, xoff, nchain):
     """Integer sums over vectors qs[m], m in ms, times the int8 activations xq[xoff + 4m:] (arg 2)."""
     b = A.b
-    chains = [ir.Constant(_V16I32, None)] * 2  # two chains: vpdpbusd latency, not throughput
+    chains = [ir.Constant(_V16I32, None)] * nchain  # more than one for a lone token: vpdpbusd latency
     for n, m in enumerate(ms):
         x = b.load(A.ptr(2, b.add(xoff, ir.Constant(_I64, 4 * m)), _I32), align=1)
-        chains[n % 2] = _call(
-            b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, chains[n % 2], qs[m], _splat(b, x, _V16I32)
-        )
-    return b.add(chains[0], chains[1])
+        c = n % nchain
+        chains[c] = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, chains[c], qs[m], _splat(b, x, _V16I32))
+    return chains[0] if nchain == 1 else b.add(chains[0], chains[1])
+
+
+def _pairs(A, so, signed, shift=0):
+    """Two [16] per-row byte vectors a, b at w[so:] as int16 pairs: lane r = (a[r], b[r]) << shift."""
+    b = A.b
+    v = A.load(0, so, ir.VectorType(_I8, 32))
+    v = b.sext(v, ir.VectorType(_I16, 32)) if signed else b.zext(v, ir.VectorType(_I16, 32))
+    if shift:
+        v = b.shl(v, ir.Constant(ir.VectorType(_I16, 32), [shift] * 32))
+    v = b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(_I32, 32), _ZIP))
+    return b.bitcast(v, _V16I32)
+
+
+_ZIP = [k // 2 + 16 * (k % 2) for k in range(32)]
+
+
+def _dpwssd(A, acc, pairs, ai, off):
+    """acc += pairs . (the int16 pair at array arg ai [off]): exact products of 16-bit halves, as int32."""
+    b = A.b
+    x = _splat(b, b.load(A.ptr(ai, off, _I32), align=1), _V16I32)
+    return _call(b, "llvm.x86.avx512.vpdpwssd.512", _V16I32, acc, pairs, x)
 
 
 def _f16x16(A, o):
@@ -459,6 +479,7 @@ def _fma_acc(A, acc, scale, s, iv):
 # q32 record layouts: (bits, nibble offset, high-plane offset, offset of the stored-unsigned values, has min)
 _Q32 = {2: (4, 32, 0, 8, False), 3: (4, 64, 0, 0, True), 6: (5, 96, 32, 16, False),
         7: (5, 128, 64, 0, True), 8: (8, 32, 0, 128, False)}  # fmt: skip
+Q32_OFFSET = {QType(q): v[3] for q, v in _Q32.items()}
 
 
 def _make_tile_q32(qt, nt):
@@ -466,6 +487,7 @@ def _make_tile_q32(qt, nt):
     w[o:] against tokens i < nt (activations xq[xo + i*xk:], scalars at [si + i*ss] of xd, xs, xsum),
     adding into acc[ao + 16i : ao + 16i + 16]."""
     bits, nib, hi, off, has_min = _Q32[qt]
+    nc = 2 if nt == 1 else 1
 
     def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
         def codegen(context, builder, sig, args):
@@ -477,10 +499,9 @@ def _make_tile_q32(qt, nt):
             m16 = _f16x16(A, A.off((1, 1), 32)) if has_min else None
             for i in range(nt):
                 s = A.off((10, 1), (11, i)) if i else A.int[10]
-                isum = _dot(A, qs, range(8), A.off((3, 1), (4, i)) if i else A.int[3])
-                if off:
-                    xsum = b.load(A.ptr(9, s, _I32), align=1)
-                    isum = b.sub(isum, _splat(b, b.mul(xsum, ir.Constant(_I32, off)), _V16I32))
+                isum = _dot(A, qs, range(8), A.off((3, 1), (4, i)) if i else A.int[3], nc)
+                if off:  # xsum holds off * (sum of the block's activations), see `block_sums`
+                    isum = b.sub(isum, _splat(b, b.load(A.ptr(9, s, _I32), align=1), _V16I32))
                 ap = A.ptr(5, A.off((6, 1), 16 * i), _V16F32)
                 acc = _fma_acc(A, b.load(ap, align=1), d16, b.load(A.ptr(7, s, ir.FloatType())), isum)
                 if has_min:
@@ -495,20 +516,21 @@ def _make_tile_q32(qt, nt):
 
 
 def _make_tile_k(qt, nt):
-    """tile(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk): one Q4_K/Q5_K/Q6_K record at w[o:]
-    against tokens i < nt (Q8_K activations xq[xo + i*xk:], scales xd[si + i*ss], sums of 16
-    bsums[bi + i*bk:]), adding into acc[ao + 16i : ao + 16i + 16]."""
+    """tile(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi): one Q4_K/Q5_K/Q6_K record at w[o:] against
+    tokens i < nt (Q8_K activations xq[xo + i*xk:], scale xd[si + i*ss], int16 pairs of activation
+    sums bsp[pi + i*ss:], see `pair_sums`), adding into acc[ao + 16i : ao + 16i + 16]."""
+    nc = 2 if nt == 1 else 1
 
-    def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk):
+    def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
         def codegen(context, builder, sig, args):
             A = _Args(context, builder, sig, args)
             b = builder
             f32 = ir.FloatType()
             xo = [A.off((3, 1), (4, i)) for i in range(nt)]
-            bo = [A.off((11, 1), (12, i)) for i in range(nt)]
+            po = [A.off((11, 1), (9, i)) for i in range(nt)]
 
-            def bsum(i, j):  # sum of 16 activations number j of token i
-                return b.load(A.ptr(10, b.add(bo[i], ir.Constant(_I64, j)), _I32), align=1)
+            def pair(i, k):
+                return b.add(po[i], ir.Constant(_I64, k))
 
             def bytes16(so, signed):
                 v = A.load(0, A.off((1, 1), so), _V16I8)
@@ -516,31 +538,35 @@ def _make_tile_k(qt, nt):
 
             zero = ir.Constant(_V16I32, None)
             isc, imn = [zero] * nt, [zero] * nt
+            if qt == 14:  # the -32 of every Q6_K value: sum over sub-blocks of (32 scale) (-sum x)
+                for k in range(8):
+                    sp = _pairs(A, A.off((1, 1), 32 + 32 * k), True, 5)
+                    isc = [_dpwssd(A, isc[i], sp, 10, pair(i, k)) for i in range(nt)]
+            else:  # the mins: sum over sub-blocks of min * (sum x)
+                for k in range(4):
+                    mp = _pairs(A, A.off((1, 1), 192 + 32 * k), False)
+                    imn = [_dpwssd(A, imn[i], mp, 10, pair(i, k)) for i in range(nt)]
             for j in range(8):  # 32 values at a time
                 xj = [b.add(xo[i], ir.Constant(_I64, 32 * j)) for i in range(nt)]
-                if qt == 14:  # Q6_K: two sub-blocks of 16, int8 scales, values stored + 32
+                if qt == 14:  # Q6_K: two sub-blocks of 16 with int8 scales
                     qs = _quants(A, A.off((1, 1), 1312 + 256 * j), A.off((1, 1), 288 + 128 * j), 6)
                     sa, sb = bytes16(32 + 32 * j, True), bytes16(48 + 32 * j, True)
                     for i in range(nt):
-                        for sc, ms, k in ((sa, range(4), 2 * j), (sb, range(4, 8), 2 * j + 1)):
-                            d = _dot(A, qs, ms, xj[i])
-                            d = b.sub(d, _splat(b, b.mul(bsum(i, k), ir.Constant(_I32, 32)), _V16I32))
-                            isc[i] = b.add(isc[i], b.mul(sc, d))
-                else:  # Q4_K/Q5_K: u8 scale and min per sub-block of 32
-                    hi = A.off((1, 1), 320 + 64 * j)
-                    qs = _quants(
-                        A, A.off((1, 1), (832 if qt == 13 else 320) + 256 * j), hi, 5 if qt == 13 else 4
-                    )
-                    sc, mn = bytes16(64 + 16 * j, False), bytes16(192 + 16 * j, False)
+                        d = b.add(
+                            b.mul(sa, _dot(A, qs, range(4), xj[i], nc)),
+                            b.mul(sb, _dot(A, qs, range(4, 8), xj[i], nc)),
+                        )
+                        isc[i] = b.add(isc[i], d)
+                else:  # Q4_K/Q5_K: u8 scale per sub-block of 32
+                    nib = A.off((1, 1), (832 if qt == 13 else 320) + 256 * j)
+                    qs = _quants(A, nib, A.off((1, 1), 320 + 64 * j), 5 if qt == 13 else 4)
+                    sc = bytes16(64 + 16 * j, False)
                     for i in range(nt):
-                        isc[i] = b.add(isc[i], b.mul(sc, _dot(A, qs, range(8), xj[i])))
-                        bs = b.add(bsum(i, 2 * j), bsum(i, 2 * j + 1))
-                        imn[i] = b.add(imn[i], b.mul(mn, _splat(b, bs, _V16I32)))
+                        isc[i] = b.add(isc[i], b.mul(sc, _dot(A, qs, range(8), xj[i], nc)))
             d16 = _f16x16(A, A.int[1])
             m16 = _f16x16(A, A.off((1, 1), 32)) if qt != 14 else None
             for i in range(nt):
-                s = A.off((8, 1), (9, i))
-                xd = b.load(A.ptr(7, s, f32))
+                xd = b.load(A.ptr(7, A.off((8, 1), (9, i)), f32))
                 ap = A.ptr(5, A.off((6, 1), 16 * i), _V16F32)
                 acc = _fma_acc(A, b.load(ap, align=1), d16, xd, isc[i])
                 if qt != 14:
@@ -548,7 +574,7 @@ def _make_tile_k(qt, nt):
                 b.store(acc, ap, align=1)
             return context.get_dummy_value()
 
-        return types.none(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk), codegen
+        return types.none(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi), codegen
 
     return intrinsic(typer)
 
@@ -561,6 +587,9 @@ _T4_k, _T5_k, _T6_k = (_make_tile_k(q, NT) for q in (12, 13, 14))
 
 # ---------------------------------------------------------------- matmul on packed records
 
+# Groups are handed to threads dynamically, CHUNKS runs of them per thread's share: on a shared or
+# throttled CPU a descheduled thread then delays the matmul by one run, not by half its rows.
+CHUNKS = 4
 TC = 64  # tokens per chunk: a chunk's accumulators (4 KB) and activation rows stay cached across blocks
 
 
@@ -623,28 +652,28 @@ def _mm_q32(out, w, N, K, T, qt, xq, xk, xd, xs, xsum, accs):
 
 
 @njit(inline="always")
-def _k_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk):
+def _k_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
     if nt == NT:
         if qt == 12:
-            _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+            _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
         elif qt == 13:
-            _T5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+            _T5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
         else:
-            _T6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+            _T6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
     elif qt == 12:
-        _t4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+        _t4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
     elif qt == 13:
-        _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+        _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
     else:
-        _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsums, bi, bk)
+        _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
 
 
 @njit(parallel=True, cache=True)
-def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsums, accs):
-    """Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations; xd flat [rows, xk // 32 + 1], bsums
-    (sums of 16) flat [rows, xk // 16 + 1]."""
+def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsp, accs):
+    """Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations; xd and bsp (from `pair_sums`) are flat
+    [rows, xk // 32 + 1]."""
     nb = K // QK_K
-    ss, bk = xk // 32 + 1, xk // 16 + 1
+    ss = xk // 32 + 1
     rec = 2368 if qt == 12 else 2880 if qt == 13 else 3360
     for g in prange((N + 15) // 16):
         acc = accs[numba.get_thread_id()]
@@ -655,25 +684,64 @@ def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsums, accs):
                 o = (g * nb + b) * rec
                 for t in range(0, tc - NT + 1, NT):
                     u = t0 + t
-                    xo = u * xk + QK_K * b
                     _k_tile(
-                        qt, NT, w, o, xq, xo, xk, acc, 16 * t, xd, u * ss + b, ss, bsums, u * bk + 16 * b, bk
+                        qt,
+                        NT,
+                        w,
+                        o,
+                        xq,
+                        u * xk + QK_K * b,
+                        xk,
+                        acc,
+                        16 * t,
+                        xd,
+                        u * ss + b,
+                        ss,
+                        bsp,
+                        u * ss + 8 * b,
                     )
                 for t in range(tc - tc % NT, tc):
                     u = t0 + t
-                    xo = u * xk + QK_K * b
                     _k_tile(
-                        qt, 1, w, o, xq, xo, xk, acc, 16 * t, xd, u * ss + b, ss, bsums, u * bk + 16 * b, bk
+                        qt,
+                        1,
+                        w,
+                        o,
+                        xq,
+                        u * xk + QK_K * b,
+                        xk,
+                        acc,
+                        16 * t,
+                        xd,
+                        u * ss + b,
+                        ss,
+                        bsp,
+                        u * ss + 8 * b,
                     )
             _store_out(out, acc, g, N, t0, tc)
 
 
 @njit(cache=True)
-def _block_sums(xq, T, K, xsum):
-    """Integer sums of each 32-block of the quantized activations (for the stored-unsigned offsets)."""
+def pair_sums(bsums, T, K, qt, bsp):
+    """Activation sums as int16 pairs for the K tiles' vpdpwssd: per super-block b, slot 8b + k holds
+    (s[2k], s[2k+1]) with s the sums of 32 (Q4_K/Q5_K, k < 4) or minus the sums of 16 (Q6_K)."""
+    for t in range(T):
+        for b in range(K // QK_K):
+            for k in range(8 if qt == 14 else 4):
+                if qt == 14:
+                    lo, hi = -bsums[t, 16 * b + 2 * k], -bsums[t, 16 * b + 2 * k + 1]
+                else:
+                    lo = bsums[t, 16 * b + 4 * k] + bsums[t, 16 * b + 4 * k + 1]
+                    hi = bsums[t, 16 * b + 4 * k + 2] + bsums[t, 16 * b + 4 * k + 3]
+                bsp[t, 8 * b + k] = (np.int64(lo) & 0xFFFF) | (np.int64(hi) << 16)
+
+
+@njit(cache=True)
+def block_sums(xq, T, K, off, xsum):
+    """off * (integer sum) of each 32-block of the quantized activations: the stored-unsigned offset."""
     for t in range(T):
         for b in range(K // 32):
             s = 0
             for j in range(32):
                 s += np.int32(xq[t, 32 * b + j])
-            xsum[t, b] = s
+            xsum[t, b] = off * s
