@@ -358,7 +358,7 @@ _V16I32 = ir.VectorType(_I32, 16)
 _V16I8 = ir.VectorType(_I8, 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
 _V16F16 = ir.VectorType(ir.HalfType(), 16)
-NT = 4  # tokens per register tile: 8 spills registers in the K-quant tiles
+NT, NT32 = 4, 8  # tokens per register tile, K-quants and blocks of 32 (8 K-quant tokens spill registers)
 
 
 def _const(v):
@@ -580,7 +580,7 @@ def _make_tile_k(qt, nt):
 
 
 _t4_0, _t4_1, _t5_0, _t5_1, _t8_0 = (_make_tile_q32(q, 1) for q in (2, 3, 6, 7, 8))
-_T4_0, _T4_1, _T5_0, _T5_1, _T8_0 = (_make_tile_q32(q, NT) for q in (2, 3, 6, 7, 8))
+_T4_0, _T4_1, _T5_0, _T5_1, _T8_0 = (_make_tile_q32(q, NT32) for q in (2, 3, 6, 7, 8))
 _t4_k, _t5_k, _t6_k = (_make_tile_k(q, 1) for q in (12, 13, 14))
 _T4_k, _T5_k, _T6_k = (_make_tile_k(q, NT) for q in (12, 13, 14))
 
@@ -603,7 +603,7 @@ def _store_out(out, acc, g, N, t0, tc):
 
 @njit(inline="always")
 def _q32_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
-    if nt == NT:
+    if nt == NT32:
         if qt == 2:
             _T4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
         elif qt == 3:
@@ -640,12 +640,12 @@ def _mm_q32(out, w, N, K, T, qt, xq, xk, xd, xs, xsum, accs):
             acc[: 16 * tc] = 0
             for b in range(nb):
                 o = (g * nb + b) * rec
-                for t in range(0, tc - NT + 1, NT):
+                for t in range(0, tc - NT32 + 1, NT32):
                     u = t0 + t
                     _q32_tile(
-                        qt, NT, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss
+                        qt, NT32, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss
                     )
-                for t in range(tc - tc % NT, tc):
+                for t in range(tc - tc % NT32, tc):
                     u = t0 + t
                     _q32_tile(qt, 1, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss)
             _store_out(out, acc, g, N, t0, tc)

@@ -276,7 +276,7 @@ def test_packed_matmul_tiles(q):
     long chunk (tiles, remainders, a second chunk) is bit-equal to its own one-token call."""
     rng = np.random.default_rng(600 + int(q))
     N, Kd, T = 20, 512, 70
-    assert T > K._pk.TC and T % K._pk.NT
+    assert T > K._pk.TC and T % K._pk.NT and T % K._pk.NT32
     w = random_rows(q, N, Kd, rng)
     P = K.pack(w, q)
     x = rng.standard_normal((T, Kd)).astype(np.float32)
