@@ -103,59 +103,82 @@ def _round_f16_array(x, out):  # test hook for _round_f16
 # ---------------------------------------------------------------- activation quantization
 
 
+@njit(inline="always")
+def _q8_0_row(x, xq, xd, xs, with_sum, t):
+    """ggml x86 quantize_row_q8_0 / q8_1: d = amax/127 (fp16), q = rint(x * (127/amax)), s = fp16(d*sum q)."""
+    for b in range(x.shape[1] // 32):
+        o = b * 32
+        amax = np.float32(0)
+        for j in range(32):
+            amax = max(amax, abs(x[t, o + j]))
+        d = amax / np.float32(127)
+        idl = np.float32(127) / amax if amax != 0 else np.float32(0)
+        s = 0
+        for j in range(32):
+            v = np.int32(np.rint(x[t, o + j] * idl))
+            v = min(max(v, -128), 127)
+            xq[t, o + j] = v
+            s += v
+        xd[t, b] = _round_f16(d)
+        if with_sum:
+            xs[t, b] = _round_f16(d * np.float32(s))
+
+
+@njit(inline="always")
+def _q8_k_row(x, xq, xd, bsums, t):
+    """ggml quantize_row_q8_K: scale -127/max (signed max of largest magnitude), round half even."""
+    for b in range(x.shape[1] // QK_K):
+        o = b * QK_K
+        amax = np.float32(0)
+        mx = np.float32(0)
+        for j in range(QK_K):
+            ax = abs(x[t, o + j])
+            if ax > amax:
+                amax = ax
+                mx = x[t, o + j]
+        if amax == 0:
+            xd[t, b] = 0
+            for j in range(QK_K):
+                xq[t, o + j] = 0
+            for g in range(16):
+                bsums[t, b * 16 + g] = 0
+            continue
+        iscale = np.float32(-127) / mx
+        for g in range(16):
+            s = 0
+            for j in range(16):
+                v = min(np.int32(np.rint(iscale * x[t, o + g * 16 + j])), 127)
+                xq[t, o + g * 16 + j] = v
+                s += v
+            bsums[t, b * 16 + g] = s
+        xd[t, b] = np.float32(1) / iscale
+
+
+# One token runs serially (a parallel region costs more than it saves); a prompt chunk in parallel.
+
+
 @njit(cache=True, nogil=True)
 def _quantize_q8_0(x, xq, xd, xs, with_sum):
-    """ggml x86 quantize_row_q8_0 / q8_1: d = amax/127 (fp16), q = rint(x * (127/amax)), s = fp16(d*sum q)."""
-    T, K = x.shape
-    for t in range(T):
-        for b in range(K // 32):
-            o = b * 32
-            amax = np.float32(0)
-            for j in range(32):
-                amax = max(amax, abs(x[t, o + j]))
-            d = amax / np.float32(127)
-            idl = np.float32(127) / amax if amax != 0 else np.float32(0)
-            s = 0
-            for j in range(32):
-                v = np.int32(np.rint(x[t, o + j] * idl))
-                v = min(max(v, -128), 127)
-                xq[t, o + j] = v
-                s += v
-            xd[t, b] = _round_f16(d)
-            if with_sum:
-                xs[t, b] = _round_f16(d * np.float32(s))
+    for t in range(x.shape[0]):
+        _q8_0_row(x, xq, xd, xs, with_sum, t)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_q8_0_rows(x, xq, xd, xs, with_sum):
+    for t in prange(x.shape[0]):
+        _q8_0_row(x, xq, xd, xs, with_sum, t)
 
 
 @njit(cache=True, nogil=True)
 def _quantize_q8_k(x, xq, xd, bsums):
-    """ggml quantize_row_q8_K: scale -127/max (signed max of largest magnitude), round half even."""
-    T, K = x.shape
-    for t in range(T):
-        for b in range(K // QK_K):
-            o = b * QK_K
-            amax = np.float32(0)
-            mx = np.float32(0)
-            for j in range(QK_K):
-                ax = abs(x[t, o + j])
-                if ax > amax:
-                    amax = ax
-                    mx = x[t, o + j]
-            if amax == 0:
-                xd[t, b] = 0
-                for j in range(QK_K):
-                    xq[t, o + j] = 0
-                for g in range(16):
-                    bsums[t, b * 16 + g] = 0
-                continue
-            iscale = np.float32(-127) / mx
-            for g in range(16):
-                s = 0
-                for j in range(16):
-                    v = min(np.int32(np.rint(iscale * x[t, o + g * 16 + j])), 127)
-                    xq[t, o + g * 16 + j] = v
-                    s += v
-                bsums[t, b * 16 + g] = s
-            xd[t, b] = np.float32(1) / iscale
+    for t in range(x.shape[0]):
+        _q8_k_row(x, xq, xd, bsums, t)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _quantize_q8_k_rows(x, xq, xd, bsums):
+    for t in prange(x.shape[0]):
+        _q8_k_row(x, xq, xd, bsums, t)
 
 
 class MatmulScratch:
@@ -173,8 +196,13 @@ class MatmulScratch:
         self.xq_flat = self.xq.reshape(-1)
         nt = numba.config.NUMBA_NUM_THREADS
         self.wf = np.zeros((nt, self.max_k), np.float32)  # per-thread f32 weight row (F16/BF16, T > 1)
-        self.accs = np.zeros((nt, 16 * self.max_rows), np.float32)  # per-thread [T, 16 rows] sums
-        self.isums = np.zeros((nt, 32), np.int32)  # per-thread integer block sums of 16 rows
+        self.accs = np.zeros((nt, 16 * _pk.TC), np.float32)  # per-thread [token chunk, 16 rows] sums
+        # flat views for the packed kernels, which index [row * (row length) + block]
+        self.xd_flat, self.xs_flat = self.xd.reshape(-1), self.xs.reshape(-1)
+        self.xsum_flat, self.bsp = self.xsum.reshape(-1), np.zeros_like(self.xsum)  # see pack.pair_sums
+        self.bsp_flat = self.bsp.reshape(-1)
+        self.held = None  # (activation type, T, K) of the activations quantized in xq, for same_input
+        self.derived = None  # what xsum / bsp were last computed for
 
 
 # ---------------------------------------------------------------- block layouts
@@ -630,13 +658,21 @@ def _flat_rows(w: np.ndarray, qt: QType, K: int) -> tuple[np.ndarray, int]:
 
 
 def matmul(
-    out: np.ndarray, x: np.ndarray, w: np.ndarray | PackedWeight, qtype: int, scratch: MatmulScratch
+    out: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray | PackedWeight,
+    qtype: int,
+    scratch: MatmulScratch,
+    same_input: bool = False,
 ) -> None:
     """out[T, N] = x[T, K] @ W[N, K]^T with W stored as GGUF blocks: raw rows (uint8 [N, row bytes],
     column slices allowed) or a `pack`ed weight, which runs several times faster.
 
     Activations are quantized into `scratch` as ggml does for the weight type; nothing is allocated.
     Every activation row gets the same per-block integer arithmetic, so prefill equals decode.
+    `same_input=True` promises that x holds the same values as in the previous call on this scratch
+    (k and v after q, up after gate): a packed weight then reuses that quantization if its
+    activation type matches.
     """
     qt = qtype if type(qtype) is QType else as_qtype(qtype)
     T, K = x.shape
@@ -659,15 +695,14 @@ def matmul(
     s = scratch
     N = w.shape[0]
     if packed is not None:
-        if qt in _Q8_K_WEIGHTS:
-            _quantize_q8_k(x, s.xq, s.xd, s.bsums)
-            _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd, s.bsums, s.accs, s.isums)
-        else:
-            _quantize_q8_0(x, s.xq, s.xd, s.xs, qt in _Q8_1_WEIGHTS)
-            _pk._block_sums(s.xq, T, K, s.xsum)
-            xq, xk = s.xq_flat, s.max_k
-            _pk._mm_q32(out, packed, N, K, T, int(qt), xq, xk, s.xd, s.xs, s.xsum, s.accs, s.isums)
+        # groups of 16 rows go to threads dynamically, in runs of about 1/CHUNKS of a thread's share
+        chunk = numba.set_parallel_chunksize(max(1, N // (16 * _pk.CHUNKS * numba.get_num_threads())))
+        try:
+            _packed_matmul(out, x, packed, qt, s, same_input)
+        finally:
+            numba.set_parallel_chunksize(chunk)
         return
+    s.held = None  # the paths below overwrite xq
     wf, rs = _flat_rows(w, qt, K)
     if qt in _FLOAT_WEIGHTS:
         _mm_float(out, x, wf, N, rs, int(qt), T, K, s.wf)
@@ -680,6 +715,31 @@ def matmul(
     for t in range(T):  # one matvec per row: the raw layout has no blocked product
         u = slice(t, t + 1)
         mv(out[u], wf, N, rs, K, s.xq[u], s.xd[u], s.xs[u], s.bsums[u], 16)
+
+
+def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool) -> None:
+    T, K = x.shape
+    N = out.shape[1]
+    kind = 2 if qt in _Q8_K_WEIGHTS else 1 if qt in _Q8_1_WEIGHTS else 0  # Q8_K, Q8_1, Q8_0
+    if not (same_input and s.held == (kind, T, K)):
+        if kind == 2:
+            (_quantize_q8_k if T == 1 else _quantize_q8_k_rows)(x, s.xq, s.xd, s.bsums)
+        else:
+            (_quantize_q8_0 if T == 1 else _quantize_q8_0_rows)(x, s.xq, s.xd, s.xs, kind == 1)
+        s.held, s.derived = (kind, T, K), None
+    if kind == 2:
+        if s.derived != (qt == QType.Q6_K):
+            _pk.pair_sums(s.bsums, T, K, int(qt), s.bsp)
+            s.derived = qt == QType.Q6_K
+        _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd_flat, s.bsp_flat, s.accs)
+    else:
+        off = _pk.Q32_OFFSET[qt]
+        if off and s.derived != off:
+            _pk.block_sums(s.xq, T, K, off, s.xsum)
+            s.derived = off
+        _pk._mm_q32(
+            out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd_flat, s.xs_flat, s.xsum_flat, s.accs
+        )
 
 
 def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:

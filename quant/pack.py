@@ -140,7 +140,7 @@ def _b(s, i):
     return np.int64(s[i])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _pack_rows(dst, w, N, rs, qt, nb, rec):
     ts = 18 if qt == 2 else 20 if qt == 3 else 22 if qt == 6 else 24 if qt == 7 else 34
     if qt == 12:
@@ -331,7 +331,7 @@ def _unpack_row(dst, p, n, qt, nb, rec):
                     dst[s + 128 + 32 * hh + l] = h
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _unpack_rows(dst, p, qt, nb, rec):
     for n in prange(dst.shape[0]):
         _unpack_row(dst[n], p, n, qt, nb, rec)
@@ -346,30 +346,23 @@ def unpack(w: PackedWeight) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------- vector intrinsics (LLVM IR)
-# Each works on 16 lanes at byte offsets into 1-D arrays; LLVM keeps the vectors in registers.
+# ---------------------------------------------------------------- register tiles (LLVM IR)
+# A tile intrinsic computes one record (16 rows x one block) against NT tokens at once: the
+# record's quant vectors are loaded and unpacked once and reused for every token, and NT
+# independent integer chains keep the vpdpbusd pipeline full. Per (row, token) the float steps
+# are exactly those of a one-token call (fmul of the scales, sitofp of the integer sum, one fma
+# per term, blocks in order), so prefill and decode stay bit-identical.
 
-_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _V16I32 = ir.VectorType(_I32, 16)
 _V16I8 = ir.VectorType(_I8, 16)
 _V16F32 = ir.VectorType(ir.FloatType(), 16)
 _V16F16 = ir.VectorType(ir.HalfType(), 16)
+NT, NT32 = 4, 8  # tokens per register tile, K-quants and blocks of 32 (8 K-quant tokens spill registers)
 
 
-def _ptr(context, builder, aryty, ary, off, offty, elty):
-    data = context.make_array(aryty)(context, builder, ary).data
-    off = context.cast(builder, off, offty, types.intp)
-    return builder.bitcast(builder.gep(data, [off]), elty.as_pointer())
-
-
-def _load(context, builder, sig, args, i, j, elty):
-    """Load an `elty` from array args[i] at byte/element offset args[j] (unaligned)."""
-    return builder.load(_ptr(context, builder, sig.args[i], args[i], args[j], sig.args[j], elty), align=1)
-
-
-def _store(context, builder, sig, args, i, j, val):
-    p = _ptr(context, builder, sig.args[i], args[i], args[j], sig.args[j], val.type)
-    builder.store(val, p, align=1)
+def _const(v):
+    return ir.Constant(_V16I32, [v] * 16)
 
 
 def _splat(builder, v, vty):
@@ -378,239 +371,377 @@ def _splat(builder, v, vty):
     return builder.shuffle_vector(u, ir.Constant(vty, ir.Undefined), zeros)
 
 
-def _const(v):
-    return ir.Constant(_V16I32, [v] * 16)
+def _call(builder, name, ty, *args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [a.type for a in args]), name)
+    return builder.call(fn, list(args))
 
 
-def _dpbusd(builder, acc, a, b):
-    fnty = ir.FunctionType(_V16I32, [_V16I32] * 3)
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-    return builder.call(fn, [acc, a, b])
+class _Args:
+    """An intrinsic's arguments in codegen: integers as i64 IR values, arrays as element pointers."""
 
+    def __init__(self, context, builder, sig, args):
+        self.b = builder
+        self.int = [context.cast(builder, a, t, types.int64) if isinstance(t, types.Integer) else None
+                    for a, t in zip(args, sig.args, strict=True)]  # fmt: skip
+        self.data = [context.make_array(t)(context, builder, a).data if isinstance(t, types.Array) else None
+                     for a, t in zip(args, sig.args, strict=True)]  # fmt: skip
 
-def _xb(context, builder, sig, args, m):
-    """Activations x[xo + 4m : xo + 4m + 4] (args 3, 4) broadcast to all 16 lanes."""
-    x = _ptr(context, builder, sig.args[3], args[3], args[4], sig.args[4], _I8)
-    p = builder.bitcast(builder.gep(x, [ir.Constant(ir.IntType(64), 4 * m)]), _I32.as_pointer())
-    return _splat(builder, builder.load(p, align=1), _V16I32)
-
-
-def _make_dot(bits, scales):
-    """Intrinsic dot(w, wo, ho, x, xo, dst, do, so) over 32 values of 16 rows.
-
-    bits 8: 8 chunks of unsigned bytes at w[wo:]; bits 4/5/6: 4 nibble chunks at w[wo:] plus, for 5 and
-    6, high-bit planes at w[ho:]. scales None: dst[do:do+16] = the int32 sums. scales "u8"/"i8":
-    dst[do:do+16] += scale * sum, with per-row scales at w[so:so+16] (bits 6: two sub-blocks of 16
-    values, scales at w[so:] and w[so+16:]).
-    """
-
-    def typer(typingctx, w, wo, ho, x, xo, dst, do, so):
-        def codegen(context, builder, sig, args):
-            def chunk(i):
-                p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8)
-                p = builder.gep(p, [ir.Constant(ir.IntType(64), 64 * i)])
-                return builder.load(builder.bitcast(p, _V16I32.as_pointer()), align=1)
-
-            def plane(i):
-                p = _ptr(context, builder, sig.args[0], args[0], args[2], sig.args[2], _I8)
-                p = builder.gep(p, [ir.Constant(ir.IntType(64), 64 * i)])
-                return builder.load(builder.bitcast(p, _V16I32.as_pointer()), align=1)
-
-            nacc = 2 if bits == 6 else 1
-            acc = [ir.Constant(_V16I32, None)] * nacc
-            if bits == 8:
-                for m in range(8):
-                    acc[0] = _dpbusd(builder, acc[0], chunk(m), _xb(context, builder, sig, args, m))
+    def off(self, *terms):
+        """Sum of terms: ints, argument indices given as ("arg", i), or (i, k) meaning arg i * k."""
+        b = self.b
+        tot = ir.Constant(_I64, 0)
+        for t in terms:
+            if isinstance(t, int):
+                v = ir.Constant(_I64, t)
+            elif t[1] == 1:
+                v = self.int[t[0]]
             else:
-                hp = [plane(i) for i in range({4: 0, 5: 1, 6: 2}[bits])]
-                for c in range(4):
-                    v = chunk(c)
-                    for h in range(2):
-                        m = 2 * c + h
-                        q = builder.lshr(v, _const(4)) if h else v
-                        q = builder.and_(q, _const(0x0F0F0F0F))
-                        if bits == 5:
-                            hb = builder.and_(builder.lshr(hp[0], _const(m)), _const(0x01010101))
-                            q = builder.or_(q, builder.shl(hb, _const(4)))
-                        elif bits == 6:
-                            hb = builder.lshr(hp[m // 4], _const(2 * (m % 4)))
-                            hb = builder.and_(hb, _const(0x03030303))
-                            q = builder.or_(q, builder.shl(hb, _const(4)))
-                        a = m // 4 if bits == 6 else 0
-                        acc[a] = _dpbusd(builder, acc[a], q, _xb(context, builder, sig, args, m))
-            if scales is None:
-                _store(context, builder, sig, args, 5, 6, acc[0])
-                return context.get_dummy_value()
-            dp = _ptr(context, builder, sig.args[5], args[5], args[6], sig.args[6], _V16I32)
-            tot = builder.load(dp, align=1)
-            sp = _ptr(context, builder, sig.args[0], args[0], args[7], sig.args[7], _I8)
-            for a in range(nacc):
-                p = builder.gep(sp, [ir.Constant(ir.IntType(64), 16 * a)])
-                sc = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
-                sc = builder.sext(sc, _V16I32) if scales == "i8" else builder.zext(sc, _V16I32)
-                tot = builder.add(tot, builder.mul(sc, acc[a]))
-            builder.store(tot, dp, align=1)
-            return context.get_dummy_value()
+                v = b.mul(self.int[t[0]], ir.Constant(_I64, t[1]))
+            tot = b.add(tot, v)
+        return tot
 
-        return types.none(w, wo, ho, x, xo, dst, do, so), codegen
+    def ptr(self, i, off, elty):
+        return self.b.bitcast(self.b.gep(self.data[i], [off]), elty.as_pointer())
 
-    return intrinsic(typer)
+    def load(self, i, off, elty):
+        return self.b.load(self.ptr(i, off, elty), align=1)
 
 
-_dot8 = _make_dot(8, None)
-_dot4 = _make_dot(4, None)
-_dot5 = _make_dot(5, None)
-_dot4_u8 = _make_dot(4, "u8")
-_dot5_u8 = _make_dot(5, "u8")
-_dot6_i8 = _make_dot(6, "i8")
+def _quants(A, o_nib, o_hi, bits):
+    """The 8 vectors of one 32-value block of 16 rows: vector m holds values 4m..4m+3 of each row.
+
+    bits 8: 8 byte chunks at w[o_nib]; bits 4/5/6: 4 nibble chunks at w[o_nib] (low nibbles are
+    vector 2c, high ones 2c + 1), plus 1 or 2 high-bit planes at w[o_hi] for bits 5 and 6.
+    """
+    b = A.b
+    if bits == 8:
+        return [A.load(0, b.add(o_nib, ir.Constant(_I64, 64 * m)), _V16I32) for m in range(8)]
+    hp = [A.load(0, b.add(o_hi, ir.Constant(_I64, 64 * i)), _V16I32) for i in range({4: 0, 5: 1, 6: 2}[bits])]
+    qs = []
+    for c in range(4):
+        v = A.load(0, b.add(o_nib, ir.Constant(_I64, 64 * c)), _V16I32)
+        for h in range(2):
+            m = 2 * c + h
+            q = b.and_(b.lshr(v, _const(4)) if h else v, _const(0x0F0F0F0F))
+            if bits == 5:
+                hb = b.and_(b.lshr(hp[0], _const(m)), _const(0x01010101))
+                q = b.or_(q, b.shl(hb, _const(4)))
+            elif bits == 6:
+                hb = b.and_(b.lshr(hp[m // 4], _const(2 * (m % 4))), _const(0x03030303))
+                q = b.or_(q, b.shl(hb, _const(4)))
+            qs.append(q)
+    return qs
 
 
-def _make_acc_sc(signed):
-    """acc_sc(dst, do, w, so, s): dst[do:do+16] += (per-row byte scales at w[so:so+16]) * s (int32)."""
+def _dot(A, qs, ms, xoff, nchain):
+    """Integer sums over vectors qs[m], m in ms, times the int8 activations xq[xoff + 4m:] (arg 2)."""
+    b = A.b
+    chains = [ir.Constant(_V16I32, None)] * nchain  # more than one for a lone token: vpdpbusd latency
+    for n, m in enumerate(ms):
+        x = b.load(A.ptr(2, b.add(xoff, ir.Constant(_I64, 4 * m)), _I32), align=1)
+        c = n % nchain
+        chains[c] = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, chains[c], qs[m], _splat(b, x, _V16I32))
+    return chains[0] if nchain == 1 else b.add(chains[0], chains[1])
 
-    def typer(typingctx, dst, do, w, so, s):
+
+def _pairs(A, so, signed, shift=0):
+    """Two [16] per-row byte vectors a, b at w[so:] as int16 pairs: lane r = (a[r], b[r]) << shift."""
+    b = A.b
+    v = A.load(0, so, ir.VectorType(_I8, 32))
+    v = b.sext(v, ir.VectorType(_I16, 32)) if signed else b.zext(v, ir.VectorType(_I16, 32))
+    if shift:
+        v = b.shl(v, ir.Constant(ir.VectorType(_I16, 32), [shift] * 32))
+    v = b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(ir.VectorType(_I32, 32), _ZIP))
+    return b.bitcast(v, _V16I32)
+
+
+_ZIP = [k // 2 + 16 * (k % 2) for k in range(32)]
+
+
+def _dpwssd(A, acc, pairs, ai, off):
+    """acc += pairs . (the int16 pair at array arg ai [off]): exact products of 16-bit halves, as int32."""
+    b = A.b
+    x = _splat(b, b.load(A.ptr(ai, off, _I32), align=1), _V16I32)
+    return _call(b, "llvm.x86.avx512.vpdpwssd.512", _V16I32, acc, pairs, x)
+
+
+def _f16x16(A, o):
+    return A.b.fpext(A.load(0, o, _V16F16), _V16F32)
+
+
+def _fma_acc(A, acc, scale, s, iv):
+    """acc += (scale * s) * float(iv): the one rounding order every kernel path uses."""
+    b = A.b
+    d = b.fmul(scale, _splat(b, s, _V16F32))
+    return _call(b, "llvm.fma.v16f32", _V16F32, d, b.sitofp(iv, _V16F32), acc)
+
+
+# q32 record layouts: (bits, nibble offset, high-plane offset, offset of the stored-unsigned values, has min)
+_Q32 = {2: (4, 32, 0, 8, False), 3: (4, 64, 0, 0, True), 6: (5, 96, 32, 16, False),
+        7: (5, 128, 64, 0, True), 8: (8, 32, 0, 128, False)}  # fmt: skip
+Q32_OFFSET = {QType(q): v[3] for q, v in _Q32.items()}
+
+
+def _make_tile_q32(qt, nt):
+    """tile(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss): one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 record at
+    w[o:] against tokens i < nt (activations xq[xo + i*xk:], scalars at [si + i*ss] of xd, xs, xsum),
+    adding into acc[ao + 16i : ao + 16i + 16]."""
+    bits, nib, hi, off, has_min = _Q32[qt]
+    nc = 2 if nt == 1 else 1
+
+    def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
         def codegen(context, builder, sig, args):
-            dp = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V16I32)
-            sc = _load(context, builder, sig, args, 2, 3, _V16I8)
-            sc = builder.sext(sc, _V16I32) if signed else builder.zext(sc, _V16I32)
-            sv = _arg_splat(context, builder, sig, args, 4, types.int32, _V16I32)
-            builder.store(builder.add(builder.load(dp, align=1), builder.mul(sc, sv)), dp, align=1)
+            A = _Args(context, builder, sig, args)
+            b = builder
+            o = A.int[1]
+            qs = _quants(A, A.off((1, 1), nib), A.off((1, 1), hi), bits)
+            d16 = _f16x16(A, o)
+            m16 = _f16x16(A, A.off((1, 1), 32)) if has_min else None
+            for i in range(nt):
+                s = A.off((10, 1), (11, i)) if i else A.int[10]
+                isum = _dot(A, qs, range(8), A.off((3, 1), (4, i)) if i else A.int[3], nc)
+                if off:  # xsum holds off * (sum of the block's activations), see `block_sums`
+                    isum = b.sub(isum, _splat(b, b.load(A.ptr(9, s, _I32), align=1), _V16I32))
+                ap = A.ptr(5, A.off((6, 1), 16 * i), _V16F32)
+                acc = _fma_acc(A, b.load(ap, align=1), d16, b.load(A.ptr(7, s, ir.FloatType())), isum)
+                if has_min:
+                    sv = _splat(b, b.load(A.ptr(8, s, ir.FloatType())), _V16F32)
+                    acc = _call(b, "llvm.fma.v16f32", _V16F32, m16, sv, acc)
+                b.store(acc, ap, align=1)
             return context.get_dummy_value()
 
-        return types.none(dst, do, w, so, s), codegen
+        return types.none(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss), codegen
 
     return intrinsic(typer)
 
 
-_acc_u8 = _make_acc_sc(False)
-_acc_i8 = _make_acc_sc(True)
+def _make_tile_k(qt, nt):
+    """tile(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi): one Q4_K/Q5_K/Q6_K record at w[o:] against
+    tokens i < nt (Q8_K activations xq[xo + i*xk:], scale xd[si + i*ss], int16 pairs of activation
+    sums bsp[pi + i*ss:], see `pair_sums`), adding into acc[ao + 16i : ao + 16i + 16]."""
+    nc = 2 if nt == 1 else 1
+
+    def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
+        def codegen(context, builder, sig, args):
+            A = _Args(context, builder, sig, args)
+            b = builder
+            f32 = ir.FloatType()
+            xo = [A.off((3, 1), (4, i)) for i in range(nt)]
+            po = [A.off((11, 1), (9, i)) for i in range(nt)]
+
+            def pair(i, k):
+                return b.add(po[i], ir.Constant(_I64, k))
+
+            def bytes16(so, signed):
+                v = A.load(0, A.off((1, 1), so), _V16I8)
+                return b.sext(v, _V16I32) if signed else b.zext(v, _V16I32)
+
+            zero = ir.Constant(_V16I32, None)
+            isc, imn = [zero] * nt, [zero] * nt
+            if qt == 14:  # the -32 of every Q6_K value: sum over sub-blocks of (32 scale) (-sum x)
+                for k in range(8):
+                    sp = _pairs(A, A.off((1, 1), 32 + 32 * k), True, 5)
+                    isc = [_dpwssd(A, isc[i], sp, 10, pair(i, k)) for i in range(nt)]
+            else:  # the mins: sum over sub-blocks of min * (sum x)
+                for k in range(4):
+                    mp = _pairs(A, A.off((1, 1), 192 + 32 * k), False)
+                    imn = [_dpwssd(A, imn[i], mp, 10, pair(i, k)) for i in range(nt)]
+            for j in range(8):  # 32 values at a time
+                xj = [b.add(xo[i], ir.Constant(_I64, 32 * j)) for i in range(nt)]
+                if qt == 14:  # Q6_K: two sub-blocks of 16 with int8 scales
+                    qs = _quants(A, A.off((1, 1), 1312 + 256 * j), A.off((1, 1), 288 + 128 * j), 6)
+                    sa, sb = bytes16(32 + 32 * j, True), bytes16(48 + 32 * j, True)
+                    for i in range(nt):
+                        d = b.add(
+                            b.mul(sa, _dot(A, qs, range(4), xj[i], nc)),
+                            b.mul(sb, _dot(A, qs, range(4, 8), xj[i], nc)),
+                        )
+                        isc[i] = b.add(isc[i], d)
+                else:  # Q4_K/Q5_K: u8 scale per sub-block of 32
+                    nib = A.off((1, 1), (832 if qt == 13 else 320) + 256 * j)
+                    qs = _quants(A, nib, A.off((1, 1), 320 + 64 * j), 5 if qt == 13 else 4)
+                    sc = bytes16(64 + 16 * j, False)
+                    for i in range(nt):
+                        isc[i] = b.add(isc[i], b.mul(sc, _dot(A, qs, range(8), xj[i], nc)))
+            d16 = _f16x16(A, A.int[1])
+            m16 = _f16x16(A, A.off((1, 1), 32)) if qt != 14 else None
+            for i in range(nt):
+                xd = b.load(A.ptr(7, A.off((8, 1), (9, i)), f32))
+                ap = A.ptr(5, A.off((6, 1), 16 * i), _V16F32)
+                acc = _fma_acc(A, b.load(ap, align=1), d16, xd, isc[i])
+                if qt != 14:
+                    acc = _fma_acc(A, acc, m16, b.fneg(xd), imn[i])
+                b.store(acc, ap, align=1)
+            return context.get_dummy_value()
+
+        return types.none(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi), codegen
+
+    return intrinsic(typer)
 
 
-def _fma(builder, a, b, c):
-    fnty = ir.FunctionType(_V16F32, [_V16F32] * 3)
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
-    return builder.call(fn, [a, b, c])
-
-
-def _arg_splat(context, builder, sig, args, i, ty, vty):
-    """Scalar argument i, cast to `ty`, in all lanes of `vty`."""
-    return _splat(builder, context.cast(builder, args[i], sig.args[i], ty), vty)
-
-
-@intrinsic
-def _acc_f16(typingctx, acc, ao, w, so, isum, io, s, ioff):
-    """acc[ao:ao+16] += (fp16 scales at w[so:] * s) * float(isum[io:io+16] - ioff)."""
-
-    def codegen(context, builder, sig, args):
-        ap = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V16F32)
-        d = builder.fpext(_load(context, builder, sig, args, 2, 3, _V16F16), _V16F32)
-        d = builder.fmul(d, _arg_splat(context, builder, sig, args, 6, types.float32, _V16F32))
-        iv = _load(context, builder, sig, args, 4, 5, _V16I32)
-        iv = builder.sub(iv, _arg_splat(context, builder, sig, args, 7, types.int32, _V16I32))
-        builder.store(_fma(builder, d, builder.sitofp(iv, _V16F32), builder.load(ap, align=1)), ap, align=1)
-        return context.get_dummy_value()
-
-    return types.none(acc, ao, w, so, isum, io, s, ioff), codegen
-
-
-@intrinsic
-def _acc_f16s(typingctx, acc, ao, w, so, s):
-    """acc[ao:ao+16] += fp16 values at w[so:] * s (the Q4_1/Q5_1 min term)."""
-
-    def codegen(context, builder, sig, args):
-        ap = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _V16F32)
-        m = builder.fpext(_load(context, builder, sig, args, 2, 3, _V16F16), _V16F32)
-        sv = _arg_splat(context, builder, sig, args, 4, types.float32, _V16F32)
-        builder.store(_fma(builder, m, sv, builder.load(ap, align=1)), ap, align=1)
-        return context.get_dummy_value()
-
-    return types.none(acc, ao, w, so, s), codegen
+_t4_0, _t4_1, _t5_0, _t5_1, _t8_0 = (_make_tile_q32(q, 1) for q in (2, 3, 6, 7, 8))
+_T4_0, _T4_1, _T5_0, _T5_1, _T8_0 = (_make_tile_q32(q, NT32) for q in (2, 3, 6, 7, 8))
+_t4_k, _t5_k, _t6_k = (_make_tile_k(q, 1) for q in (12, 13, 14))
+_T4_k, _T5_k, _T6_k = (_make_tile_k(q, NT) for q in (12, 13, 14))
 
 
 # ---------------------------------------------------------------- matmul on packed records
 
+# Groups are handed to threads dynamically, CHUNKS runs of them per thread's share: on a shared or
+# throttled CPU a descheduled thread then delays the matmul by one run, not by half its rows.
+CHUNKS = 4
+TC = 64  # tokens per chunk: a chunk's accumulators (4 KB) and activation rows stay cached across blocks
+
 
 @njit(inline="always")
-def _store_out(out, acc, g, N, T):
+def _store_out(out, acc, g, N, t0, tc):
     n0 = g * 16
-    for t in range(T):
+    for t in range(tc):
         for r in range(min(16, N - n0)):
-            out[t, n0 + r] = acc[16 * t + r]
+            out[t0 + t, n0 + r] = acc[16 * t + r]
 
 
-@njit(parallel=True, cache=True)
-def _mm_q32(out, w, N, K, T, qt, xq, xk, xd, xs, xsum, accs, isums):
-    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32); xq is the flat int8 activations, row stride xk."""
+@njit(inline="always")
+def _q32_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
+    if nt == NT32:
+        if qt == 2:
+            _T4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 3:
+            _T4_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 6:
+            _T5_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 7:
+            _T5_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        else:
+            _T8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 2:
+        _t4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 3:
+        _t4_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 6:
+        _t5_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 7:
+        _t5_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    else:
+        _t8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_q32(out, w, N, K, T, qt, xq, xk, xd, xs, xsum, accs):
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32); xq is the flat int8 activations, row stride xk;
+    xd, xs, xsum are the flat [rows, ss] per-block scales, Q8_1 sums and integer sums."""
     nb = K // 32
+    ss = xk // 32 + 1
     rec = 288 if qt == 2 else 320 if qt == 3 else 352 if qt == 6 else 384 if qt == 7 else 544
-    off = 8 if qt == 2 else 16 if qt == 6 else 128 if qt == 8 else 0
     for g in prange((N + 15) // 16):
-        tid = numba.get_thread_id()
-        acc = accs[tid]
-        isum = isums[tid]
-        acc[: 16 * T] = 0
-        for b in range(nb):
-            o = (g * nb + b) * rec
-            for t in range(T):
-                xo = t * xk + 32 * b
-                if qt == 8:
-                    _dot8(w, o + 32, o, xq, xo, isum, 0, 0)
-                elif qt == 2:
-                    _dot4(w, o + 32, o, xq, xo, isum, 0, 0)
-                elif qt == 3:
-                    _dot4(w, o + 64, o, xq, xo, isum, 0, 0)
-                elif qt == 6:
-                    _dot5(w, o + 96, o + 32, xq, xo, isum, 0, 0)
-                else:
-                    _dot5(w, o + 128, o + 64, xq, xo, isum, 0, 0)
-                _acc_f16(acc, 16 * t, w, o, isum, 0, xd[t, b], off * xsum[t, b])
-                if qt == 3 or qt == 7:
-                    _acc_f16s(acc, 16 * t, w, o + 32, xs[t, b])
-        _store_out(out, acc, g, N, T)
+        acc = accs[numba.get_thread_id()]
+        for t0 in range(0, T, TC):
+            tc = min(TC, T - t0)
+            acc[: 16 * tc] = 0
+            for b in range(nb):
+                o = (g * nb + b) * rec
+                for t in range(0, tc - NT32 + 1, NT32):
+                    u = t0 + t
+                    _q32_tile(
+                        qt, NT32, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss
+                    )
+                for t in range(tc - tc % NT32, tc):
+                    u = t0 + t
+                    _q32_tile(qt, 1, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss)
+            _store_out(out, acc, g, N, t0, tc)
 
 
-@njit(parallel=True, cache=True)
-def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsums, accs, isums):
-    """Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations (bsums: sums of 16)."""
+@njit(inline="always")
+def _k_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
+    if nt == NT:
+        if qt == 12:
+            _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif qt == 13:
+            _T5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        else:
+            _T6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif qt == 12:
+        _t4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif qt == 13:
+        _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    else:
+        _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsp, accs):
+    """Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations; xd and bsp (from `pair_sums`) are flat
+    [rows, xk // 32 + 1]."""
     nb = K // QK_K
+    ss = xk // 32 + 1
     rec = 2368 if qt == 12 else 2880 if qt == 13 else 3360
     for g in prange((N + 15) // 16):
-        tid = numba.get_thread_id()
-        acc = accs[tid]
-        isum = isums[tid]
-        acc[: 16 * T] = 0
-        for b in range(nb):
-            o = (g * nb + b) * rec
-            for t in range(T):
-                xo = t * xk + QK_K * b
-                isum[:32] = 0
+        acc = accs[numba.get_thread_id()]
+        for t0 in range(0, T, TC):
+            tc = min(TC, T - t0)
+            acc[: 16 * tc] = 0
+            for b in range(nb):
+                o = (g * nb + b) * rec
+                for t in range(0, tc - NT + 1, NT):
+                    u = t0 + t
+                    _k_tile(
+                        qt,
+                        NT,
+                        w,
+                        o,
+                        xq,
+                        u * xk + QK_K * b,
+                        xk,
+                        acc,
+                        16 * t,
+                        xd,
+                        u * ss + b,
+                        ss,
+                        bsp,
+                        u * ss + 8 * b,
+                    )
+                for t in range(tc - tc % NT, tc):
+                    u = t0 + t
+                    _k_tile(
+                        qt,
+                        1,
+                        w,
+                        o,
+                        xq,
+                        u * xk + QK_K * b,
+                        xk,
+                        acc,
+                        16 * t,
+                        xd,
+                        u * ss + b,
+                        ss,
+                        bsp,
+                        u * ss + 8 * b,
+                    )
+            _store_out(out, acc, g, N, t0, tc)
+
+
+@njit(cache=True, nogil=True)
+def pair_sums(bsums, T, K, qt, bsp):
+    """Activation sums as int16 pairs for the K tiles' vpdpwssd: per super-block b, slot 8b + k holds
+    (s[2k], s[2k+1]) with s the sums of 32 (Q4_K/Q5_K, k < 4) or minus the sums of 16 (Q6_K)."""
+    for t in range(T):
+        for b in range(K // QK_K):
+            for k in range(8 if qt == 14 else 4):
                 if qt == 14:
-                    for j in range(8):
-                        xj = xo + 32 * j
-                        _dot6_i8(w, o + 1312 + 256 * j, o + 288 + 128 * j, xq, xj, isum, 0, o + 32 + 32 * j)
-                    for j in range(16):  # the -32 of every value, exactly: -32 * scale * sum(x)
-                        _acc_i8(isum, 0, w, o + 32 + 16 * j, -32 * bsums[t, 16 * b + j])
-                    _acc_f16(acc, 16 * t, w, o, isum, 0, xd[t, b], 0)
+                    lo, hi = -bsums[t, 16 * b + 2 * k], -bsums[t, 16 * b + 2 * k + 1]
                 else:
-                    for j in range(8):
-                        xj = xo + 32 * j
-                        if qt == 12:
-                            _dot4_u8(w, o + 320 + 256 * j, o, xq, xj, isum, 0, o + 64 + 16 * j)
-                        else:
-                            _dot5_u8(w, o + 832 + 256 * j, o + 320 + 64 * j, xq, xj, isum, 0, o + 64 + 16 * j)
-                        bs = bsums[t, 16 * b + 2 * j] + bsums[t, 16 * b + 2 * j + 1]
-                        _acc_u8(isum, 16, w, o + 192 + 16 * j, bs)
-                    _acc_f16(acc, 16 * t, w, o, isum, 0, xd[t, b], 0)
-                    _acc_f16(acc, 16 * t, w, o + 32, isum, 16, -xd[t, b], 0)
-        _store_out(out, acc, g, N, T)
+                    lo = bsums[t, 16 * b + 4 * k] + bsums[t, 16 * b + 4 * k + 1]
+                    hi = bsums[t, 16 * b + 4 * k + 2] + bsums[t, 16 * b + 4 * k + 3]
+                bsp[t, 8 * b + k] = (np.int64(lo) & 0xFFFF) | (np.int64(hi) << 16)
 
 
-@njit(cache=True)
-def _block_sums(xq, T, K, xsum):
-    """Integer sums of each 32-block of the quantized activations (for the stored-unsigned offsets)."""
+@njit(cache=True, nogil=True)
+def block_sums(xq, T, K, off, xsum):
+    """off * (integer sum) of each 32-block of the quantized activations: the stored-unsigned offset."""
     for t in range(T):
         for b in range(K // 32):
             s = 0
             for j in range(32):
                 s += np.int32(xq[t, 32 * b + j])
-            xsum[t, b] = s
+            xsum[t, b] = off * s

@@ -270,3 +270,55 @@ def test_pack_errors():
         K.matmul(np.zeros((1, 16), np.float32), x, P, QType.Q4_K, K.MatmulScratch(1, 512))
     with pytest.raises(ValueError):
         K.pack(w.view(np.int8), QType.Q4_K)
+
+
+@pytest.mark.parametrize(
+    "q", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q8_0, QType.Q4_K, QType.Q6_K], ids=str
+)
+def test_packed_matmul_tiles(q):
+    """Prompt chunks run in register tiles of pack.NT tokens within chunks of pack.TC: every token of a
+    long chunk (tiles, remainders, a second chunk) is bit-equal to its own one-token call."""
+    rng = np.random.default_rng(600 + int(q))
+    N, Kd, T = 20, 512, 70
+    assert T > K._pk.TC and T % K._pk.NT and T % K._pk.NT32
+    w = random_rows(q, N, Kd, rng)
+    P = K.pack(w, q)
+    x = rng.standard_normal((T, Kd)).astype(np.float32)
+    scratch = K.MatmulScratch(T, Kd)
+    out = np.empty((T, N), np.float32)
+    K.matmul(out, x, P, q, scratch)
+    W = F.dequantize(w, q, (N, Kd))
+    np.testing.assert_array_less(
+        np.abs(out - matmul_reference(x, w, q)), 1e-5 * np.abs(x) @ np.abs(W).T + 1e-30
+    )
+    one = np.empty((1, N), np.float32)
+    for t in range(T):
+        K.matmul(one, x[t : t + 1], P, q, scratch)
+        assert same_bits(one, out[t : t + 1]), t
+
+
+def test_matmul_same_input_reuses_quantization():
+    """same_input=True skips quantizing x when the scratch holds it for the same activation type, and
+    quantizes anyway when the type differs (Q8_0 -> Q8_1 -> Q8_K), so results equal fresh calls."""
+    rng = np.random.default_rng(7)
+    Kd, T = 512, 5
+    x, y = rng.standard_normal((2, T, Kd)).astype(np.float32)
+    ws = {
+        q: K.pack(random_rows(q, 24, Kd, rng), q)
+        for q in (QType.Q5_0, QType.Q8_0, QType.Q4_1, QType.Q4_K, QType.Q6_K)
+    }
+    fresh = {}
+    for q, w in ws.items():
+        fresh[q] = np.empty((T, 24), np.float32)
+        K.matmul(fresh[q], x, w, q, K.MatmulScratch(T, Kd))
+    scratch = K.MatmulScratch(T, Kd)
+    for i, (q, w) in enumerate(ws.items()):
+        out = np.empty((T, 24), np.float32)
+        K.matmul(out, x, w, q, scratch, same_input=i > 0)
+        assert same_bits(out, fresh[q]), q
+    # the reuse is real: y is ignored when the scratch already holds x for this type
+    out = np.empty((T, 24), np.float32)
+    K.matmul(out, y, ws[QType.Q6_K], QType.Q6_K, scratch, same_input=True)
+    assert same_bits(out, fresh[QType.Q6_K])
+    K.matmul(out, y, ws[QType.Q6_K], QType.Q6_K, scratch)
+    assert not same_bits(out, fresh[QType.Q6_K])

@@ -260,8 +260,8 @@ def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarra
 # ---- blocks --------------------------------------------------------------------------
 
 
-def project(ws: Workspace, out: np.ndarray, x: np.ndarray, lin: Linear) -> None:
-    matmul(out, x, lin.w, lin.qtype, ws.scratch)
+def project(ws: Workspace, out: np.ndarray, x: np.ndarray, lin: Linear, same_input: bool = False) -> None:
+    matmul(out, x, lin.w, lin.qtype, ws.scratch, same_input)  # same_input: x as in the previous call
     if lin.bias is not None:
         out += lin.bias
 
@@ -281,8 +281,8 @@ def attention_block(
     hd = a.head_dim
     q, k, v = ws.q[:T], ws.k[:T], ws.v[:T]
     project(ws, q, h, L.wq)
-    project(ws, k, h, L.wk)
-    project(ws, v, h, L.wv)
+    project(ws, k, h, L.wk, same_input=True)  # h quantized once for q, k and v
+    project(ws, v, h, L.wv, same_input=True)
     q3 = q.reshape(T, -1, hd)  # (T, Hq, D)
     k3 = k.reshape(T, -1, hd)  # (T, Hkv, D)
     if L.q_norm is not None:  # qwen3, gemma3: RMSNorm over each head
@@ -321,7 +321,7 @@ def ffn_block(ws: Workspace, L, T: int, act=K.swiglu) -> np.ndarray:
     h = ws.h[:T]
     gate, up = ws.gate[:T, : L.gate.w.shape[0]], ws.up[:T, : L.up.w.shape[0]]
     project(ws, gate, h, L.gate)
-    project(ws, up, h, L.up)
+    project(ws, up, h, L.up, same_input=True)
     act(gate, up)
     project(ws, ws.out[:T], gate, L.down)
     return ws.out[:T]
