@@ -55,19 +55,19 @@ MAX_WINDOW = 8
 DEFAULT_OVERHEAD = Memory(240 << 20)
 # What loading adds to a process that has opened its model (imported edgert, parsed the
 # metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
-# packed, allocator slack. Measured peak minus pre-load high-water mark: 30-45 MiB for the
-# three real models through the CLI; rounded up.
-LOAD_MARGIN = Memory(64 << 20)
+# packed, allocator slack, the CLI. Measured (peak during load and decode) minus (resident
+# set once the model is opened): 60-85 MiB for the three real models through the CLI.
+LOAD_MARGIN = Memory(96 << 20)
 
 
 def measured_overhead() -> Memory:
-    """The runtime's share of a budget for this process, measured instead of guessed: its
-    high-water mark so far (interpreter, libraries, tokenizer: 140-230 MiB for the real
-    models, most of the spread being the tokenizer) plus LOAD_MARGIN. Call it after the model
-    is opened and before it is built."""
-    import resource
+    """The runtime's share of a budget for this process, measured instead of guessed: what it
+    holds now (interpreter, libraries, tokenizer: 140-190 MiB for the real models, most of
+    the spread being the tokenizer) plus LOAD_MARGIN. Call it after the model is opened and
+    before it is built."""
+    import psutil
 
-    return Memory(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) + LOAD_MARGIN
+    return Memory(psutil.Process().memory_info().rss) + LOAD_MARGIN
 
 
 @dataclass(frozen=True)
