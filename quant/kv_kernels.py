@@ -87,20 +87,22 @@ def quantize_rows(codes, scale, minv, x, pos, bits, cg, table):
 
 
 @nb.njit(cache=True)
-def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, nq, G, cg, table):
+def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, nq, G, cg, sink, table):
     """Quantize the G oldest residual positions (fp16 bits res_k/res_v [H, >=G, D]) as positions
-    nq..nq+G-1: keys 4-bit per channel over the G positions, values 4-bit per token."""
+    nq..nq+G-1: keys 4-bit per channel over the G positions, values 4-bit per token. Positions
+    below `sink` (kept in fp16 elsewhere) are left out of the key ranges."""
     H, _, D = res_k.shape
     g = nq // G
+    t0 = max(0, sink - nq)
     row = np.empty(D, np.float32)
     for h in range(H):
         for t in range(G):
             for i in range(D // 2):
                 k_codes[h, nq + t, i] = 0
         for d in range(D):
-            lo = table[res_k[h, 0, d]]
+            lo = table[res_k[h, t0, d]]
             hi = lo
-            for t in range(1, G):
+            for t in range(t0 + 1, G):
                 x = table[res_k[h, t, d]]
                 lo = min(lo, x)
                 hi = max(hi, x)
@@ -172,12 +174,18 @@ def dequantize(out_k, out_v, k_codes, k_scale, k_min, v_codes, v_scale, v_min, b
 
 
 @nb.njit(inline="always")
-def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, table):
+def _fp16_row(row, r, table):
+    for d in range(row.shape[0]):
+        row[d] = table[r[d]]
+
+
+@nb.njit(inline="always")
+def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table):
     """row[:] = key j of kv head `kv`; returns the per-channel group whose scales ks/km hold."""
-    if j >= nq:  # fp16 residual
-        r = res_k[kv, j - nq]
-        for d in range(row.shape[0]):
-            row[d] = table[r[d]]
+    if j < sink_k.shape[1]:  # the first positions, kept in fp16
+        _fp16_row(row, sink_k[kv, j], table)
+    elif j >= nq:  # fp16 residual
+        _fp16_row(row, res_k[kv, j - nq], table)
     elif bits == 4:
         g = j // G
         if g != cur:
@@ -190,11 +198,11 @@ def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_
 
 
 @nb.njit(inline="always")
-def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table):
-    if j >= nq:
-        r = res_v[kv, j - nq]
-        for d in range(row.shape[0]):
-            row[d] = table[r[d]]
+def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table):
+    if j < sink_v.shape[1]:
+        _fp16_row(row, sink_v[kv, j], table)
+    elif j >= nq:
+        _fp16_row(row, res_v[kv, j - nq], table)
     else:
         _token_row(row, v_codes[kv, j], v_scale[kv, j], v_min[kv, j], bits, cg, table)
 
@@ -202,13 +210,14 @@ def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table):
 @nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_q(
     out, q, pos0, scale, window, softcap, scores, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
-    bits, G, cg, nq, res_k, res_v, table,
+    bits, G, cg, nq, res_k, res_v, sink_k, sink_v, table,
 ):  # fmt: skip
     """Causal attention of q[T, Hq, D] (positions pos0..) over a quantized cache.
 
     Positions < nq are read from the quantized store (4-bit: keys per channel in groups of G
     positions, values per token; 8-bit: both per token), positions >= nq from the fp16
-    residual res_k/res_v [H, R, D] (uint16 bits). Work items, windowing and the three passes
+    residual res_k/res_v [H, R, D], and positions below sink_k.shape[1] from the fp16 sink_k,
+    sink_v [H, n_sink, D] (all fp16 as uint16 bits). Work items, windowing and the three passes
     (scores, softmax, weighted values) are those of `edgert.kernels.attention_f16`, in float32
     without its fp16 roundings. scores: float32 scratch [>= T * Hq, S].
     """
@@ -229,7 +238,9 @@ def attention_q(
         km = np.empty(D, np.float32)
         cur = -1
         for j in range(lo_all, hi_all):
-            cur = _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, table)
+            cur = _key(
+                row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table
+            )
             for t in range(t0, t1):
                 if not _sees(pos0 + t, j, window):
                     continue
@@ -261,7 +272,7 @@ def attention_q(
                 for d in range(D):
                     o[d] = 0.0
         for j in range(lo_all, hi_all):
-            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table)
+            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table)
             for t in range(t0, t1):
                 if not _sees(pos0 + t, j, window):
                     continue
@@ -277,7 +288,7 @@ def attend(out, q, pos0, scale, window, softcap, scores, c) -> None:
     attention_q(
         out, q, pos0, scale, window, softcap, scores, c.k_codes, c.k_scale, c.k_min, c.v_codes,
         c.v_scale, c.v_min, c.bits, c.group, c.channel_group, c.n_quant, c.res_k_bits, c.res_v_bits,
-        F16_TABLE,
+        c.sink_k_bits, c.sink_v_bits, F16_TABLE,
     )  # fmt: skip
 
 
@@ -296,15 +307,19 @@ def quantize_ref(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(c, 0, levels) * s + m
 
 
-def cache_ref(k, v, bits, G, cg, nq):
+def cache_ref(k, v, bits, G, cg, nq, sink):
     """What a cache holding k, v [H, N, D] (float32, as written) returns for each position:
-    positions < nq quantized as `bits` says, the rest rounded to fp16 (4-bit) or quantized (8-bit)."""
+    positions < nq quantized as `bits` says, the rest rounded to fp16 (4-bit) or quantized (8-bit);
+    4-bit: the first `sink` positions stay in fp16, and are left out of their group's key ranges."""
     H, N, D = k.shape
     if bits == 8:
         return (quantize_ref(x.reshape(H, N, D // cg, cg), 8).reshape(H, N, D) for x in (k, v))
     k16, v16 = (x.astype(np.float16).astype(np.float32) for x in (k, v))
     kq, vq = k16.copy(), v16.copy()
-    by_channel = k16[:, :nq].reshape(H, nq // G, G, D).transpose(0, 1, 3, 2)
+    kr = k16[:, :nq].copy()
+    kr[:, :sink] = kr[:, sink : sink + 1]  # a stand-in inside the range: the sink does not widen it
+    by_channel = kr.reshape(H, nq // G, G, D).transpose(0, 1, 3, 2)
     kq[:, :nq] = quantize_ref(by_channel, 4).transpose(0, 1, 3, 2).reshape(H, nq, D)
     vq[:, :nq] = quantize_ref(v16[:, :nq].reshape(H, nq, D // cg, cg), 4).reshape(H, nq, D)
+    kq[:, :sink], vq[:, :sink] = k16[:, :sink], v16[:, :sink]
     return kq, vq

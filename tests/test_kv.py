@@ -63,7 +63,7 @@ def test_store_matches_reference(bits):
     n = sum(chunks)
     assert c.offset == n
     assert c.n_quant == (n if bits == 8 else max(0, n - KV.SLACK) // KV.GROUP * KV.GROUP)
-    want_k, want_v = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant)
+    want_k, want_v = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink)
     got_k, got_v = _held(c)
     # the codes match exactly; fma in the dequantization differs from numpy by float rounding
     np.testing.assert_allclose(got_k, want_k, rtol=1e-6, atol=1e-6)
@@ -84,7 +84,7 @@ def test_attention_matches_reference(bits, window, softcap):
     out = np.empty_like(q)
     scores = np.zeros((T * Hq, 256), np.float32)
     c.attend(out, q, n0, 0.125, window, softcap, scores)
-    kq, vq = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant)
+    kq, vq = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink)
     ref = K.attention_ref(q, kq, vq, n0, 0.125, window, softcap)
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
