@@ -2,8 +2,9 @@
 
 A quantized group of n values x stores an fp16 scale s = fp16((max - min) / levels), an fp16
 minimum m = fp16(min) and codes c = clip(floor((x - m) / s + 1/2), 0, levels), levels = 2^bits - 1;
-it reads back as c * s + m. Codes are packed along head_dim: one byte per channel at 8 bits,
-two channels per byte at 4 bits (even channel in the low nibble). Scales and minimums are held
+it reads back as c * s + m. Codes are packed along head_dim: one byte per channel at 8 bits;
+at 4 bits byte i holds channel i in its low nibble and channel i + D/2 in its high one, so
+that unpacking a row is two contiguous (vectorizable) sweeps. Scales and minimums are held
 as fp16 bits (uint16), read through `F16_TABLE`.
 
 Layouts, per layer ([kv heads, positions, ...]):
@@ -67,14 +68,15 @@ def _quantize_row(codes, scale, minv, row, bits, cg, table):
         mb = _f16_bits(lo)
         scale[g], minv[g] = sb, mb
         s, m = table[sb], table[mb]
-        if bits == 8:
-            for i in range(g * cg, (g + 1) * cg):
-                codes[i] = _code(row[i], s, m, levels)
-        else:
-            for i in range(g * cg // 2, (g + 1) * cg // 2):
-                lo4 = _code(row[2 * i], s, m, levels)
-                hi4 = _code(row[2 * i + 1], s, m, levels)
-                codes[i] = lo4 | (hi4 << 4)
+        half = row.shape[0] // 2
+        for i in range(g * cg, (g + 1) * cg):
+            c = _code(row[i], s, m, levels)
+            if bits == 8:
+                codes[i] = c
+            elif i < half:  # groups of the first half come first: they set the byte
+                codes[i] = c
+            else:
+                codes[i - half] |= c << 4
 
 
 @nb.njit(cache=True)
@@ -110,9 +112,9 @@ def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, 
             mb = _f16_bits(lo)
             k_scale[h, g, d], k_min[h, g, d] = sb, mb
             s, m = table[sb], table[mb]
-            shift = 4 * (d & 1)
+            byte, shift = d % (D // 2), 4 * (d // (D // 2))
             for t in range(G):
-                k_codes[h, nq + t, d >> 1] |= _code(table[res_k[h, t, d]], s, m, 15) << shift
+                k_codes[h, nq + t, byte] |= _code(table[res_k[h, t, d]], s, m, 15) << shift
         for t in range(G):
             for d in range(D):
                 row[d] = table[res_v[h, t, d]]
@@ -125,25 +127,31 @@ def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, 
 @nb.njit(inline="always")
 def _token_row(row, codes, scale, minv, bits, cg, table):
     """row[:] = one position of a per-token store (codes [D*bits/8], scale/min [D/cg])."""
-    for g in range(row.shape[0] // cg):
-        s, m = table[scale[g]], table[minv[g]]
-        if bits == 8:
+    if bits == 8:
+        for g in range(row.shape[0] // cg):
+            s, m = table[scale[g]], table[minv[g]]
             for d in range(g * cg, (g + 1) * cg):
                 row[d] = np.float32(codes[d]) * s + m
-        else:
-            for i in range(g * cg // 2, (g + 1) * cg // 2):
-                b = codes[i]
-                row[2 * i] = np.float32(b & 15) * s + m
-                row[2 * i + 1] = np.float32(b >> 4) * s + m
+        return
+    half = row.shape[0] // 2
+    seg = math.gcd(cg, half)  # a run of bytes whose low and whose high nibbles each share a group
+    for i0 in range(0, half, seg):
+        s, m = table[scale[i0 // cg]], table[minv[i0 // cg]]
+        s2, m2 = table[scale[(i0 + half) // cg]], table[minv[(i0 + half) // cg]]
+        for i in range(i0, i0 + seg):
+            b = codes[i]
+            row[i] = np.float32(b & 15) * s + m
+            row[i + half] = np.float32(b >> 4) * s2 + m2
 
 
 @nb.njit(inline="always")
 def _channel_row(row, codes, ks, km):
     """row[:] = one position of a 4-bit per-channel store, its group's scales ks/km as float32."""
-    for i in range(row.shape[0] // 2):
+    half = row.shape[0] // 2
+    for i in range(half):
         b = codes[i]
-        row[2 * i] = np.float32(b & 15) * ks[2 * i] + km[2 * i]
-        row[2 * i + 1] = np.float32(b >> 4) * ks[2 * i + 1] + km[2 * i + 1]
+        row[i] = np.float32(b & 15) * ks[i] + km[i]
+        row[i + half] = np.float32(b >> 4) * ks[i + half] + km[i + half]
 
 
 @nb.njit(inline="always")

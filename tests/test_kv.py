@@ -54,11 +54,11 @@ def _held(cache):
     return np.concatenate([qk, rk], 1), np.concatenate([qv, rv], 1)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_store_matches_reference(bits):
-    c = KV.QuantKVCache(H, D, 400, bits)
+@pytest.mark.parametrize("bits,d", [(8, 64), (4, 64), (4, 96)])  # 96: nibble runs of gcd(32, 48)
+def test_store_matches_reference(bits, d):
+    c = KV.QuantKVCache(H, d, 400, bits)
     chunks = [1, 63, 64, 17, 1, 1, 30, 60]
-    ks, vs = zip(*(_kv(n) for n in chunks), strict=True)
+    ks, vs = zip(*(_kv(n, d=d) for n in chunks), strict=True)
     k, v = _written(c, ks, vs)
     n = sum(chunks)
     assert c.offset == n
