@@ -2,8 +2,9 @@
 
 A quantized group of n values x stores an fp16 scale s = fp16((max - min) / levels), an fp16
 minimum m = fp16(min) and codes c = clip(floor((x - m) / s + 1/2), 0, levels), levels = 2^bits - 1;
-it reads back as c * s + m. Codes are packed along head_dim: one byte per channel at 8 bits,
-two channels per byte at 4 bits (even channel in the low nibble). Scales and minimums are held
+it reads back as c * s + m. Codes are packed along head_dim: one byte per channel at 8 bits;
+at 4 bits byte i holds channel i in its low nibble and channel i + D/2 in its high one, so
+that unpacking a row is two contiguous (vectorizable) sweeps. Scales and minimums are held
 as fp16 bits (uint16), read through `F16_TABLE`.
 
 Layouts, per layer ([kv heads, positions, ...]):
@@ -67,14 +68,15 @@ def _quantize_row(codes, scale, minv, row, bits, cg, table):
         mb = _f16_bits(lo)
         scale[g], minv[g] = sb, mb
         s, m = table[sb], table[mb]
-        if bits == 8:
-            for i in range(g * cg, (g + 1) * cg):
-                codes[i] = _code(row[i], s, m, levels)
-        else:
-            for i in range(g * cg // 2, (g + 1) * cg // 2):
-                lo4 = _code(row[2 * i], s, m, levels)
-                hi4 = _code(row[2 * i + 1], s, m, levels)
-                codes[i] = lo4 | (hi4 << 4)
+        half = row.shape[0] // 2
+        for i in range(g * cg, (g + 1) * cg):
+            c = _code(row[i], s, m, levels)
+            if bits == 8:
+                codes[i] = c
+            elif i < half:  # groups of the first half come first: they set the byte
+                codes[i] = c
+            else:
+                codes[i - half] |= c << 4
 
 
 @nb.njit(cache=True)
@@ -87,20 +89,22 @@ def quantize_rows(codes, scale, minv, x, pos, bits, cg, table):
 
 
 @nb.njit(cache=True)
-def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, nq, G, cg, table):
+def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, nq, G, cg, sink, table):
     """Quantize the G oldest residual positions (fp16 bits res_k/res_v [H, >=G, D]) as positions
-    nq..nq+G-1: keys 4-bit per channel over the G positions, values 4-bit per token."""
+    nq..nq+G-1: keys 4-bit per channel over the G positions, values 4-bit per token. Positions
+    below `sink` (kept in fp16 elsewhere) are left out of the key ranges."""
     H, _, D = res_k.shape
     g = nq // G
+    t0 = max(0, sink - nq)
     row = np.empty(D, np.float32)
     for h in range(H):
         for t in range(G):
             for i in range(D // 2):
                 k_codes[h, nq + t, i] = 0
         for d in range(D):
-            lo = table[res_k[h, 0, d]]
+            lo = table[res_k[h, t0, d]]
             hi = lo
-            for t in range(1, G):
+            for t in range(t0 + 1, G):
                 x = table[res_k[h, t, d]]
                 lo = min(lo, x)
                 hi = max(hi, x)
@@ -108,9 +112,9 @@ def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, 
             mb = _f16_bits(lo)
             k_scale[h, g, d], k_min[h, g, d] = sb, mb
             s, m = table[sb], table[mb]
-            shift = 4 * (d & 1)
+            byte, shift = d % (D // 2), 4 * (d // (D // 2))
             for t in range(G):
-                k_codes[h, nq + t, d >> 1] |= _code(table[res_k[h, t, d]], s, m, 15) << shift
+                k_codes[h, nq + t, byte] |= _code(table[res_k[h, t, d]], s, m, 15) << shift
         for t in range(G):
             for d in range(D):
                 row[d] = table[res_v[h, t, d]]
@@ -123,25 +127,31 @@ def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, 
 @nb.njit(inline="always")
 def _token_row(row, codes, scale, minv, bits, cg, table):
     """row[:] = one position of a per-token store (codes [D*bits/8], scale/min [D/cg])."""
-    for g in range(row.shape[0] // cg):
-        s, m = table[scale[g]], table[minv[g]]
-        if bits == 8:
+    if bits == 8:
+        for g in range(row.shape[0] // cg):
+            s, m = table[scale[g]], table[minv[g]]
             for d in range(g * cg, (g + 1) * cg):
                 row[d] = np.float32(codes[d]) * s + m
-        else:
-            for i in range(g * cg // 2, (g + 1) * cg // 2):
-                b = codes[i]
-                row[2 * i] = np.float32(b & 15) * s + m
-                row[2 * i + 1] = np.float32(b >> 4) * s + m
+        return
+    half = row.shape[0] // 2
+    seg = math.gcd(cg, half)  # a run of bytes whose low and whose high nibbles each share a group
+    for i0 in range(0, half, seg):
+        s, m = table[scale[i0 // cg]], table[minv[i0 // cg]]
+        s2, m2 = table[scale[(i0 + half) // cg]], table[minv[(i0 + half) // cg]]
+        for i in range(i0, i0 + seg):
+            b = codes[i]
+            row[i] = np.float32(b & 15) * s + m
+            row[i + half] = np.float32(b >> 4) * s2 + m2
 
 
 @nb.njit(inline="always")
 def _channel_row(row, codes, ks, km):
     """row[:] = one position of a 4-bit per-channel store, its group's scales ks/km as float32."""
-    for i in range(row.shape[0] // 2):
+    half = row.shape[0] // 2
+    for i in range(half):
         b = codes[i]
-        row[2 * i] = np.float32(b & 15) * ks[2 * i] + km[2 * i]
-        row[2 * i + 1] = np.float32(b >> 4) * ks[2 * i + 1] + km[2 * i + 1]
+        row[i] = np.float32(b & 15) * ks[i] + km[i]
+        row[i + half] = np.float32(b >> 4) * ks[i + half] + km[i + half]
 
 
 @nb.njit(inline="always")
@@ -172,12 +182,18 @@ def dequantize(out_k, out_v, k_codes, k_scale, k_min, v_codes, v_scale, v_min, b
 
 
 @nb.njit(inline="always")
-def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, table):
+def _fp16_row(row, r, table):
+    for d in range(row.shape[0]):
+        row[d] = table[r[d]]
+
+
+@nb.njit(inline="always")
+def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table):
     """row[:] = key j of kv head `kv`; returns the per-channel group whose scales ks/km hold."""
-    if j >= nq:  # fp16 residual
-        r = res_k[kv, j - nq]
-        for d in range(row.shape[0]):
-            row[d] = table[r[d]]
+    if j < sink_k.shape[1]:  # the first positions, kept in fp16
+        _fp16_row(row, sink_k[kv, j], table)
+    elif j >= nq:  # fp16 residual
+        _fp16_row(row, res_k[kv, j - nq], table)
     elif bits == 4:
         g = j // G
         if g != cur:
@@ -190,11 +206,11 @@ def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_
 
 
 @nb.njit(inline="always")
-def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table):
-    if j >= nq:
-        r = res_v[kv, j - nq]
-        for d in range(row.shape[0]):
-            row[d] = table[r[d]]
+def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table):
+    if j < sink_v.shape[1]:
+        _fp16_row(row, sink_v[kv, j], table)
+    elif j >= nq:
+        _fp16_row(row, res_v[kv, j - nq], table)
     else:
         _token_row(row, v_codes[kv, j], v_scale[kv, j], v_min[kv, j], bits, cg, table)
 
@@ -202,13 +218,14 @@ def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table):
 @nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_q(
     out, q, pos0, scale, window, softcap, scores, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
-    bits, G, cg, nq, res_k, res_v, table,
+    bits, G, cg, nq, res_k, res_v, sink_k, sink_v, table,
 ):  # fmt: skip
     """Causal attention of q[T, Hq, D] (positions pos0..) over a quantized cache.
 
     Positions < nq are read from the quantized store (4-bit: keys per channel in groups of G
     positions, values per token; 8-bit: both per token), positions >= nq from the fp16
-    residual res_k/res_v [H, R, D] (uint16 bits). Work items, windowing and the three passes
+    residual res_k/res_v [H, R, D], and positions below sink_k.shape[1] from the fp16 sink_k,
+    sink_v [H, n_sink, D] (all fp16 as uint16 bits). Work items, windowing and the three passes
     (scores, softmax, weighted values) are those of `edgert.kernels.attention_f16`, in float32
     without its fp16 roundings. scores: float32 scratch [>= T * Hq, S].
     """
@@ -229,7 +246,9 @@ def attention_q(
         km = np.empty(D, np.float32)
         cur = -1
         for j in range(lo_all, hi_all):
-            cur = _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, table)
+            cur = _key(
+                row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table
+            )
             for t in range(t0, t1):
                 if not _sees(pos0 + t, j, window):
                     continue
@@ -261,7 +280,7 @@ def attention_q(
                 for d in range(D):
                     o[d] = 0.0
         for j in range(lo_all, hi_all):
-            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, table)
+            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table)
             for t in range(t0, t1):
                 if not _sees(pos0 + t, j, window):
                     continue
@@ -277,7 +296,7 @@ def attend(out, q, pos0, scale, window, softcap, scores, c) -> None:
     attention_q(
         out, q, pos0, scale, window, softcap, scores, c.k_codes, c.k_scale, c.k_min, c.v_codes,
         c.v_scale, c.v_min, c.bits, c.group, c.channel_group, c.n_quant, c.res_k_bits, c.res_v_bits,
-        F16_TABLE,
+        c.sink_k_bits, c.sink_v_bits, F16_TABLE,
     )  # fmt: skip
 
 
@@ -296,15 +315,19 @@ def quantize_ref(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(c, 0, levels) * s + m
 
 
-def cache_ref(k, v, bits, G, cg, nq):
+def cache_ref(k, v, bits, G, cg, nq, sink):
     """What a cache holding k, v [H, N, D] (float32, as written) returns for each position:
-    positions < nq quantized as `bits` says, the rest rounded to fp16 (4-bit) or quantized (8-bit)."""
+    positions < nq quantized as `bits` says, the rest rounded to fp16 (4-bit) or quantized (8-bit);
+    4-bit: the first `sink` positions stay in fp16, and are left out of their group's key ranges."""
     H, N, D = k.shape
     if bits == 8:
         return (quantize_ref(x.reshape(H, N, D // cg, cg), 8).reshape(H, N, D) for x in (k, v))
     k16, v16 = (x.astype(np.float16).astype(np.float32) for x in (k, v))
     kq, vq = k16.copy(), v16.copy()
-    by_channel = k16[:, :nq].reshape(H, nq // G, G, D).transpose(0, 1, 3, 2)
+    kr = k16[:, :nq].copy()
+    kr[:, :sink] = kr[:, sink : sink + 1]  # a stand-in inside the range: the sink does not widen it
+    by_channel = kr.reshape(H, nq // G, G, D).transpose(0, 1, 3, 2)
     kq[:, :nq] = quantize_ref(by_channel, 4).transpose(0, 1, 3, 2).reshape(H, nq, D)
     vq[:, :nq] = quantize_ref(v16[:, :nq].reshape(H, nq, D // cg, cg), 4).reshape(H, nq, D)
+    kq[:, :sink], vq[:, :sink] = k16[:, :sink], v16[:, :sink]
     return kq, vq
