@@ -130,29 +130,39 @@ def budget_for(path: Path, share: float = 0.4) -> int:
     return int(share * path.stat().st_size) + p["overhead"] + p["kv"] + p["workspace"] + norms
 
 
+# The child is started by a small launcher process: a forked child's ru_maxrss starts from its
+# parent's resident set at fork, and pytest's grows to a GiB over the suite.
+_LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[0] + ".rss", "w").write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _run(path: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, int]:
     """`edgert run` in a child process; returns it and its peak RSS as the kernel measured it
     (wait4's rusage of that child alone)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "edgert.apps.cli",
-        "run",
-        str(path),
-        "-p",
-        PROMPT,
-        "-n",
-        "24",
-        "-c",
-        str(CTX),
-        *extra,
-    ]
-    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
-    with open(out, "w") as fo, open(err, "w") as fe:
-        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(p.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text()), usage.ru_maxrss * 1024
+    cli = [sys.executable, "-m", "edgert.apps.cli"]
+    cmd = [*cli, "run", str(path), "-p", PROMPT, "-n", "24", "-c", str(CTX)]
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(_LAUNCH)
+    argv = [sys.executable, str(launcher), *cmd, *extra]
+    r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    rss = int(Path(str(launcher) + ".rss").read_text())
+    return subprocess.CompletedProcess(cmd, r.returncode, r.stdout, r.stderr), rss
+
+
+def _load_in_process(path: Path, **kw):
+    """The model under a budget of 40% of its bytes plus the overhead this process measures
+    for itself (pytest holds far more than a fresh process)."""
+    src = loader.open_source(path)
+    p = loader.make_plan(src, 1 << 40, CTX)
+    norms = sum(u.nbytes for u in units(src.store, src.args) if u.kind == "norms")
+    budget = int(0.4 * path.stat().st_size) + p.overhead.bytes + p.kv.bytes + p.workspace.bytes + norms
+    return edgert.LLM(src, context=CTX, memory_budget=budget + (16 << 20), **kw)
 
 
 @pytest.mark.parametrize("name", REAL_MODELS)
@@ -180,7 +190,7 @@ def test_budget_below_minimum_is_refused_with_the_minimum(real_model, tmp_path):
 def test_truncated_after_load_fails_clearly(real_model, tmp_path):
     path = tmp_path / "model.gguf"
     shutil.copy(real_model("smollm2-135m"), path)
-    with edgert.load(path, context=CTX, memory_budget=budget_for(path)) as llm:
+    with _load_in_process(path) as llm:
         assert llm.model.streamer is not None
         llm.generate(PROMPT, max_tokens=2)
         os.truncate(path, path.stat().st_size // 2)
@@ -192,7 +202,7 @@ def test_prompt_streams_each_unit_once_per_chunk(real_model):
     """A prompt of two chunks reads every streamed unit twice, not once per token; the
     statistics report what was read and waited for."""
     path = real_model("smollm2-135m")
-    with edgert.load(path, context=CTX, max_tokens=64, memory_budget=budget_for(path)) as llm:
+    with _load_in_process(path, max_tokens=64) as llm:
         s = llm.model.streamer
         n = len(s.layouts)
         llm.generate(list(range(1, 101)), max_tokens=3)  # 100 prompt tokens: 2 chunks, then 2 steps
