@@ -124,6 +124,37 @@ def _sees(p, j, window):
 
 
 # reassoc lets LLVM split the dot products into SIMD partial sums, as ggml's own f16 dot does.
+@nb.njit(inline="always")
+def _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap):
+    """Scores of key j (decoded into `row`) for the query heads of KV head kv, tokens t0..t1."""
+    Hq, D = q.shape[1], q.shape[2]
+    for t in range(t0, t1):
+        if not _sees(pos0 + t, j, window):
+            continue
+        for h in range(kv * group, (kv + 1) * group):
+            acc = np.float32(0.0)
+            for d in range(D):
+                acc += q[t, h, d] * row[d]
+            x = acc * np.float32(scale)
+            if softcap > 0.0:
+                x = np.float32(softcap * math.tanh(x / softcap))
+            scores[t * Hq + h, j] = x
+
+
+@nb.njit(inline="always")
+def _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window):
+    """out += probability * value j (decoded into `row`) for the same heads and tokens."""
+    Hq, D = out.shape[1], out.shape[2]
+    for t in range(t0, t1):
+        if not _sees(pos0 + t, j, window):
+            continue
+        for h in range(kv * group, (kv + 1) * group):
+            w = scores[t * Hq + h, j]
+            o = out[t, h]
+            for d in range(D):
+                o[d] += w * row[d]
+
+
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
 def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
     """attention() over an fp16 cache (k, v: uint16 bits [Hkv, S, D]), with ggml's arithmetic.
@@ -157,17 +188,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
         for j in range(lo_all, hi_all):
             for d in range(D):
                 row[d] = table[k[kv, j, d]]
-            for t in range(t0, t1):
-                if not _sees(pos0 + t, j, window):
-                    continue
-                for h in range(kv * group, (kv + 1) * group):
-                    acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += q[t, h, d] * row[d]
-                    x = acc * np.float32(scale)
-                    if softcap > 0.0:
-                        x = np.float32(softcap * math.tanh(x / softcap))
-                    scores[t * Hq + h, j] = x
+            _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
         for t in range(t0, t1):
             p = pos0 + t
             lo = 0 if window <= 0 else max(0, p - window + 1)
@@ -190,14 +211,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
         for j in range(lo_all, hi_all):
             for d in range(D):
                 row[d] = table[v[kv, j, d]]
-            for t in range(t0, t1):
-                if not _sees(pos0 + t, j, window):
-                    continue
-                for h in range(kv * group, (kv + 1) * group):
-                    w = scores[t * Hq + h, j]
-                    o = out[t, h]
-                    for d in range(D):
-                        o[d] += w * row[d]
+            _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window)
 
 
 # The gated activations run on one thread: a few thousand exps cost less than waking others.

@@ -190,15 +190,16 @@ def plan(
 
     best = None  # (streamed per token, used, pinned set, slot)
     minimum = None
-    for cap in sorted({0, *(slot_bytes(u) for u in movable)}):
-        must = [u for u in movable if slot_bytes(u) > cap]
+    size = {u.name: slot_bytes(u) for u in movable}  # a unit's slot, with its reads' alignment
+    for cap in sorted({0, *size.values()}):
+        must = [u for u in movable if size[u.name] > cap]
         need = fixed + Memory(sum(u.nbytes for u in must)) + Memory(MIN_WINDOW * cap)
         minimum = need if minimum is None else min(minimum, need)
         if need > budget:
             continue
         pinned = _fill(movable, must, (budget - fixed).bytes - MIN_WINDOW * cap)
         streamed = [u for u in movable if u not in pinned]
-        slot = max((slot_bytes(u) for u in streamed), default=0)
+        slot = max((size[u.name] for u in streamed), default=0)
         used = fixed + Memory(sum(u.nbytes for u in pinned) + (MIN_WINDOW * slot if streamed else 0))
         cost = sum(u.token_bytes for u in streamed)
         if best is None or (cost, used) < (best[0], best[1]):

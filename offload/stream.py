@@ -99,7 +99,7 @@ def slot_bytes(unit: Unit) -> int:
 
 @dataclass
 class StreamStats:
-    """Cumulative figures; subtract two snapshots for one call's share."""
+    """Cumulative figures; a call's share is the difference from a `snapshot` taken before it."""
 
     bytes_read: int = 0
     units_read: int = 0
@@ -110,15 +110,6 @@ class StreamStats:
     def snapshot(self) -> StreamStats:
         return StreamStats(
             self.bytes_read, self.units_read, self.read_seconds, self.wait_seconds, self.direct
-        )
-
-    def __sub__(self, other: StreamStats) -> StreamStats:
-        return StreamStats(
-            self.bytes_read - other.bytes_read,
-            self.units_read - other.units_read,
-            self.read_seconds - other.read_seconds,
-            self.wait_seconds - other.wait_seconds,
-            self.direct,
         )
 
     @property
@@ -343,6 +334,3 @@ class SlotStore(WeightStore):
         ref = self.ref(ref) if isinstance(ref, str) else ref
         pos = self.layout.position(ref.offset)
         return self.slot[pos : pos + ref.nbytes].reshape(-1, ref.row_bytes)
-
-    def evict(self, ref, rows=None) -> None:
-        pass  # slot bytes are the streamer's

@@ -25,7 +25,7 @@ import numpy as np
 from edgert.quant.kernels import _f32_as_u32, _round_f16
 from numba import prange
 
-from edgert.kernels import F16_TABLE, _sees
+from edgert.kernels import F16_TABLE, _add_value, _score_key
 
 # ---- quantization ----------------------------------------------------------------------
 
@@ -249,17 +249,7 @@ def attention_q(
             cur = _key(
                 row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table
             )
-            for t in range(t0, t1):
-                if not _sees(pos0 + t, j, window):
-                    continue
-                for h in range(kv * group, (kv + 1) * group):
-                    acc = np.float32(0.0)
-                    for d in range(D):
-                        acc += q[t, h, d] * row[d]
-                    x = acc * np.float32(scale)
-                    if softcap > 0.0:
-                        x = np.float32(softcap * math.tanh(x / softcap))
-                    scores[t * Hq + h, j] = x
+            _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
         for t in range(t0, t1):
             p = pos0 + t
             lo = 0 if window <= 0 else max(0, p - window + 1)
@@ -281,14 +271,7 @@ def attention_q(
                     o[d] = 0.0
         for j in range(lo_all, hi_all):
             _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table)
-            for t in range(t0, t1):
-                if not _sees(pos0 + t, j, window):
-                    continue
-                for h in range(kv * group, (kv + 1) * group):
-                    w = scores[t * Hq + h, j]
-                    o = out[t, h]
-                    for d in range(D):
-                        o[d] += w * row[d]
+            _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window)
 
 
 def attend(out, q, pos0, scale, window, softcap, scores, c) -> None:

@@ -540,14 +540,14 @@ class Transformer:
         self.head_name = "token_embd" if tied else "output"
         # The output matrix in row pieces: (first row, last row, unit, Linear or None if streamed)
         self.head_parts = [(0, a.vocab_size, "embedding" if tied else "head", None)]
+        by_name = {}  # the plan's units, by name
         if plan is not None:
             from edgert.offload.units import units
 
+            by_name = {u.name: u for u in units(store, a, self.shard)}
             kind = "embedding" if tied else "head"
             self.head_parts = [
-                (*(u.rows or (0, a.vocab_size)), u.name, None)
-                for u in units(store, a, self.shard)
-                if u.kind == kind
+                (*(u.rows or (0, a.vocab_size)), u.name, None) for u in by_name.values() if u.kind == kind
             ]
         whole = all(resident(name) for _, _, name, _ in self.head_parts)
         if resident("embedding") or (tied and whole):
@@ -568,7 +568,7 @@ class Transformer:
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
         if plan is not None and plan.streamed:
-            self.streamer = self._make_streamer(store, plan, tied)
+            self.streamer = self._make_streamer(plan, by_name)
         store.release()  # every pinned tensor now lives in the model: unmap the files
 
     def load_norms(self, store: WeightStore, i: int) -> LayerWeights:
@@ -595,11 +595,9 @@ class Transformer:
                 L.experts[e] = load_expert(store, self.shard, i, e)
         return L
 
-    def _make_streamer(self, store: WeightStore, plan, tied: bool):
+    def _make_streamer(self, plan, by_name: dict):
         from edgert.offload.stream import Streamer
-        from edgert.offload.units import units
 
-        by_name = {u.name: u for u in units(store, self.args, self.shard)}
         head = [n for _, _, n, lin in self.head_parts if lin is None]
         order = [n for n in plan.streamed if n not in head] + head  # a tied embedding is read as the head
         return Streamer([by_name[n] for n in order], plan.window)
