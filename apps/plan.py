@@ -81,7 +81,7 @@ def plan(
     line(f"budget         {p.budget}   (minimum {p.minimum} at context {p.context})")
     line(
         f"  runtime {p.overhead} · KV cache {p.kv} ({p.context} tok) · workspace {p.workspace} · "
-        f"pinned {p.pinned_bytes} · window {p.window} x {p.slot} = {p.window_bytes}"
+        f"pinned {p.pinned_bytes} · window {_slots(p)} = {p.window_bytes}"
     )
     line(f"  used {p.used}, headroom {p.budget - p.used}")
     line(
@@ -92,7 +92,7 @@ def plan(
     line(f"streamed       {n_streamed} units, {p.streamed_per_token} read per token: {_names(p.streamed)}")
     if p.on_demand:
         line(f"on demand      {_names(p.on_demand)} (one row per token)")
-    line(f"window         {p.window} slots of {p.slot}")
+    line(f"window         {_slots(p)}")
     s = p.seconds
     line(
         f"predicted      {p.tokens_per_second:.2f} tok/s ({p.seconds_per_token * 1000:.1f} ms/token) on "
@@ -107,11 +107,19 @@ def plan_summary(p) -> str:
     return (
         f"memory plan: budget {p.budget}, used {p.used} (minimum {p.minimum})\n"
         f"  pinned {len(p.pinned)} units ({p.pinned_bytes}); streamed {len(p.streamed)} units, "
-        f"{p.streamed_per_token} per token through {p.window} slots of {p.slot}\n"
+        f"{p.streamed_per_token} per token through {_slots(p)}\n"
         f"  predicted {p.tokens_per_second:.2f} tok/s on {p.profile}, bottleneck {p.bottleneck} "
         f"(disk {s['disk'] * 1000:.0f} ms, memory {s['memory'] * 1000:.0f} ms, "
         f"compute {s['compute'] * 1000:.0f} ms)"
     )
+
+
+def _slots(p) -> str:
+    """The streamer's ring and the expert cache, as slot counts."""
+    parts = [f"{p.window} ring slots"] if p.window or not p.expert_slots else []
+    if p.expert_slots:
+        parts.append(f"{p.expert_slots} expert-cache slots")
+    return " + ".join(parts) + f" of {p.slot}"
 
 
 def _mib(n: int) -> str:

@@ -162,27 +162,17 @@ def find_llama_python(path: str | None) -> str:
 
 def _spawn(python: str, spec: dict, timeout: float) -> dict:
     """Run one worker process; its result is the JSON on the last line of its stdout."""
+    from edgert.workers import WorkerError, run_worker, worker_command
+
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1))}
     if spec["system"] == EDGERT or spec["system"] == "membw":
-        cmd = [python, "-m", "edgert.bench", "worker"]
+        cmd = worker_command(python, module="edgert.bench") + ["worker"]
     else:  # an interpreter that may lack edgert: run this file by path
-        cmd = [
-            python,
-            "-I",
-            "-c",
-            f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')",
-            "worker",
-        ]
-    spec = {**spec, "t_spawn": time.monotonic()}
+        cmd = worker_command(python, __file__) + ["worker"]
     try:
-        r = subprocess.run(cmd + [json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"{spec['system']} run took over {timeout:.0f} s") from None
-    lines = r.stdout.strip().splitlines()
-    if r.returncode != 0 or not lines:
-        tail = " | ".join(r.stderr.strip().splitlines()[-3:]) or f"exit status {r.returncode}"
-        raise BenchError(f"{spec['system']} run failed: {tail}")
-    return json.loads(lines[-1])
+        return run_worker(cmd, {**spec, "t_spawn": time.monotonic()}, timeout, env=env)
+    except WorkerError as e:
+        raise BenchError(f"{spec['system']} run failed: {e}") from None
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> BenchResult:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -202,28 +201,21 @@ def run_stream_bench(
 
 
 def _run_in_cgroup(python: str, spec: dict, budget: int, timeout_s: float) -> StreamRun:
+    from edgert.workers import WorkerError, run_worker, worker_command
+
     cg = MemoryCgroup(budget)
     drop_caches()
-    cmd = [python, "-I", "-c", f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')"]
     if spec["system"] == "edgert":
-        cmd = [python, "-m", "edgert.bench_stream"]
+        cmd = worker_command(python, module="edgert.bench_stream")
+    else:
+        cmd = worker_command(python, __file__)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     t = time.monotonic()
     try:
-        p = subprocess.run(
-            [*cmd, json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            preexec_fn=cg.preexec,
-        )
-        lines = p.stdout.strip().splitlines()
-        if p.returncode == 0 and lines:
-            return StreamRun(**json.loads(lines[-1]), cgroup_peak=cg.peak(), oom_kills=cg.oom_kills())
-        err = " | ".join(p.stderr.strip().splitlines()[-2:]) or f"exit status {p.returncode}"
-    except subprocess.TimeoutExpired:
-        err = f"no result within {timeout_s:.0f} s"
+        out = run_worker(cmd, spec, timeout_s, env=env, preexec_fn=cg.preexec)
+        return StreamRun(**out, cgroup_peak=cg.peak(), oom_kills=cg.oom_kills())
+    except WorkerError as e:
+        err = str(e)
     finally:
         peak, kills = cg.peak(), cg.oom_kills()
         cg.remove()

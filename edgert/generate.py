@@ -143,14 +143,14 @@ def generate_step(
 ) -> Iterator[int]:
     """Yield generated token ids; stops at max_tokens or when the context is full."""
     st = session.stats
-    io = session.model.streamer.stats if session.model.streamer is not None else None
-    st.streamed = io is not None
-    io0 = io.snapshot() if io else None
+    io = session.model.io_stats  # what the model has streamed so far; None: nothing streams
+    io0 = io()
+    st.streamed = io0 is not None
     t0 = time.perf_counter()
     logits = session.prefill(list(prompt_ids))
     st.prompt_seconds = time.perf_counter() - t0
-    if io:
-        st.prompt_bytes_read = io.bytes_read - io0.bytes_read
+    if io0:
+        st.prompt_bytes_read = io().bytes_read - io0.bytes_read
     history = list(prompt_ids)
     t1 = time.perf_counter()
     for i in range(max_tokens):
@@ -161,7 +161,7 @@ def generate_step(
         if i == 0:
             st.time_to_first_token = time.perf_counter() - t0
             t1 = time.perf_counter()
-            io0 = io.snapshot() if io else None
+            io0 = io()
         st.generation_tokens = i + 1
         history.append(tok)
         yield tok
@@ -169,10 +169,11 @@ def generate_step(
             break
         logits = session.forward([tok])
         st.generation_seconds = time.perf_counter() - t1
-        if io:
-            st.bytes_read = io.bytes_read - io0.bytes_read
-            st.io_wait_seconds = io.wait_seconds - io0.wait_seconds
-            st.read_seconds = io.read_seconds - io0.read_seconds
+        if io0:
+            now = io()
+            st.bytes_read = now.bytes_read - io0.bytes_read
+            st.io_wait_seconds = now.wait_seconds - io0.wait_seconds
+            st.read_seconds = now.read_seconds - io0.read_seconds
 
 
 def stream_generate(

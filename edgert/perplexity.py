@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -297,16 +296,13 @@ class LlamaError(Exception):
 
 def run_llama(python: str, spec: dict, timeout: float = 3600.0) -> list[SettingResult]:
     """Run the llama.cpp worker (this file, by path) under `python`; spec as `_llama_worker` reads."""
-    cmd = [python, "-I", "-c", f"import runpy; runpy.run_path({__file__!r}, run_name='__main__')"]
+    from edgert.workers import WorkerError, run_worker, worker_command
+
     try:
-        r = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise LlamaError(f"the llama.cpp run took over {timeout:.0f} s") from None
-    lines = r.stdout.strip().splitlines()
-    if r.returncode != 0 or not lines:
-        tail = " | ".join(r.stderr.strip().splitlines()[-3:]) or f"exit status {r.returncode}"
-        raise LlamaError(f"the llama.cpp run failed: {tail}")
-    return [SettingResult(**d) for d in json.loads(lines[-1])]
+        out = run_worker(worker_command(python, __file__), spec, timeout, stdin=True)
+    except WorkerError as e:
+        raise LlamaError(f"the llama.cpp run failed: {e}") from None
+    return [SettingResult(**d) for d in out]
 
 
 def _llama_worker(spec: dict) -> list[dict]:

@@ -21,9 +21,17 @@ Decisions, and why:
   contiguous run of layers; whatever is left pins the largest units that still fit.
 - MoE experts are read with probability n_experts_used / n_experts per token (uniform
   routing; the expert cache does better), so a pinned expert byte saves less than a
-  dense one: experts are pinned after every dense unit.
+  dense one: experts are pinned after every dense unit. Streamed experts do not ride the
+  window (which units a layer uses is known only once its router has run): they have
+  their own pool of `expert_slots` slots, an LRU cache (edgert.offload.stream.ExpertCache).
+  An MoE model's plan reserves both pools, and gives the dense pool's slots to the
+  experts when no dense unit streams.
 - The window is at least 2 slots (one being computed on, one being filled) whenever any
-  unit streams; leftover budget deepens it up to MAX_WINDOW, which absorbs disk jitter.
+  unit streams, and 4 where the budget allows, even at the price of streaming more: with 2,
+  the reader is one unit ahead and idles whenever a unit takes longer to compute than the
+  next one takes to read, and during the resident layers it can fill only the slot the
+  head released. A 4-slot window kept the 7B's reader busy (72-77% of the disk limit with 2
+  slots of whole FFNs). Leftover budget deepens it up to MAX_WINDOW.
 - Seconds per token = max(disk, memory, compute), since the window overlaps reading with
   computing: disk = streamed bytes / disk bandwidth; memory = (weights read + streamed
   bytes written + the KV cache read at the end of the context) / memory bandwidth;
@@ -46,6 +54,7 @@ from edgert.models.base import ModelArgs, Shard
 from edgert.weights import WeightStore
 
 MIN_WINDOW = 2
+GOOD_WINDOW = 4
 MAX_WINDOW = 8
 # Measured RSS of this runtime minus the model file's resident pages, the KV cache and the
 # workspace, after loading and decoding 8 tokens at context 64 (Python 3.11, numpy, numba
@@ -81,8 +90,9 @@ class Plan:
     pinned: tuple[str, ...]  # unit names, resident for the whole run
     streamed: tuple[str, ...]  # unit names read through the window every token
     on_demand: tuple[str, ...]  # units read a row at a time (an untied embedding)
-    window: int  # prefetch depth in slots; 0 when nothing streams
+    window: int  # prefetch depth in slots; 0 when no dense unit streams
     slot: Memory  # one slot: the largest streamed unit, with its reads' alignment padding
+    expert_slots: int  # slots of the MoE expert cache; 0 when no expert streams
     pinned_bytes: Memory  # includes the norms
     weight_bytes: Memory  # all units
     streamed_per_token: Memory  # expected disk reads per decode step
@@ -90,7 +100,7 @@ class Plan:
     kv: Memory  # KV cache for the full context
     workspace: Memory
     overhead: Memory
-    used: Memory  # overhead + kv + workspace + pinned + window * slot <= budget
+    used: Memory  # overhead + kv + workspace + pinned + (window + expert_slots) * slot <= budget
     seconds_per_token: float
     bottleneck: str  # "disk" | "memory" | "compute"
     seconds: dict  # {"disk": s, "memory": s, "compute": s}
@@ -101,7 +111,8 @@ class Plan:
 
     @property
     def window_bytes(self) -> Memory:
-        return self.slot * self.window
+        """The streamer's slots and the expert cache's."""
+        return self.slot * (self.window + self.expert_slots)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -188,26 +199,31 @@ def plan(
     movable = [u for u in units if u.kind != "norms" and not (u.kind == "embedding" and u.per_token < 1.0)]
     fixed = overhead + kv + workspace + Memory(sum(u.nbytes for u in always))
 
-    best = None  # (streamed per token, used, pinned set, slot)
+    best = None  # (streamed per token, used, pinned set, slot, depth)
     minimum = None
     size = {u.name: slot_bytes(u) for u in movable}  # a unit's slot, with its reads' alignment
+    pools = 2 if any(u.kind == "expert" for u in movable) else 1  # the window, the expert cache
     for cap in sorted({0, *size.values()}):
         must = [u for u in movable if size[u.name] > cap]
-        need = fixed + Memory(sum(u.nbytes for u in must)) + Memory(MIN_WINDOW * cap)
+        base = fixed + Memory(sum(u.nbytes for u in must))
+        need = base + Memory(pools * MIN_WINDOW * cap)
         minimum = need if minimum is None else min(minimum, need)
         if need > budget:
             continue
-        pinned = _fill(movable, must, (budget - fixed).bytes - MIN_WINDOW * cap)
+        # the deepest window up to GOOD_WINDOW that the budget allows, before pinning more
+        depth = max(w for w in range(MIN_WINDOW, GOOD_WINDOW + 1) if base + Memory(pools * w * cap) <= budget)
+        pinned = _fill(movable, must, (budget - fixed).bytes - pools * depth * cap)
         streamed = [u for u in movable if u not in pinned]
         slot = max((size[u.name] for u in streamed), default=0)
-        used = fixed + Memory(sum(u.nbytes for u in pinned) + (MIN_WINDOW * slot if streamed else 0))
+        depth = min(depth, max(MIN_WINDOW, len(streamed)))
+        used = fixed + Memory(sum(u.nbytes for u in pinned) + (pools * depth * slot if streamed else 0))
         cost = sum(u.token_bytes for u in streamed)
         if best is None or (cost, used) < (best[0], best[1]):
-            best = (cost, used, pinned, slot)
+            best = (cost, used, pinned, slot, depth)
     if best is None:
         raise BudgetError(_below_minimum(budget, minimum, context, overhead, kv, workspace))
 
-    _, used, pinned, slot = best
+    _, used, pinned, slot, depth = best
     streamed = [u for u in movable if u not in pinned]
     free = budget - used
     on_demand = lazy
@@ -215,11 +231,18 @@ def plan(
         pinned = pinned | set(lazy)  # everything else is resident: make the plan read no disk
         used = used + Memory(sum(u.nbytes for u in lazy))
         on_demand = []
-    window = 0
+    window = expert_slots = 0
     if streamed:
+        experts = sum(u.kind == "expert" for u in streamed)
+        dense = len(streamed) - experts
         extra = (budget - used) // Memory(slot) if slot else 0
-        window = min(MAX_WINDOW, max(MIN_WINDOW, len(streamed)), MIN_WINDOW + extra)
-        used = used + Memory(slot * (window - MIN_WINDOW))
+        if dense:  # the ring: no deeper than its units, at most MAX_WINDOW
+            extra += 0 if experts else (pools - 1) * depth  # the expert pool's slots, unused
+            window = min(MAX_WINDOW, max(depth, dense), depth + extra)
+            extra -= window - depth
+        if experts:  # the cache: whatever the ring leaves of both pools, up to one slot per expert
+            expert_slots = min(max(depth, experts), (pools * depth if not dense else depth) + extra)
+        used = used + Memory(slot * (window + expert_slots - pools * depth))
 
     streamed_tok = sum(u.token_bytes for u in streamed) + sum(u.token_bytes for u in on_demand)
     read_tok = sum(u.token_bytes for u in units)
@@ -237,6 +260,7 @@ def plan(
         on_demand=names(on_demand),
         window=window,
         slot=Memory(slot if streamed else 0),
+        expert_slots=expert_slots,
         pinned_bytes=Memory(sum(u.nbytes for u in pinned) + sum(u.nbytes for u in always)),
         weight_bytes=Memory(sum(u.nbytes for u in units)),
         streamed_per_token=Memory.of(streamed_tok),
@@ -262,7 +286,7 @@ def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile
 
 def _fill(movable: list[Unit], must: list[Unit], room: int) -> set[Unit]:
     """Pin `must`, then whole layers in order, then the largest units that still fit `room`
-    bytes (what the budget leaves once the fixed costs and a 2-slot window are paid)."""
+    bytes (what the budget leaves once the fixed costs and the window are paid)."""
     pinned = set(must)
     room -= sum(u.nbytes for u in must)
     left = [u for u in movable if u not in pinned]
@@ -293,7 +317,8 @@ def _below_minimum(budget, minimum, context, overhead, kv, workspace) -> str:
     return (
         f"a memory budget of {budget} is below this model's minimum working set of {need_mib} MiB "
         f"({minimum.bytes:,} bytes) at context {context}: runtime {overhead}, KV cache {kv}, "
-        f"workspace {workspace}, plus a 2-slot prefetch window and the units too large to stream. "
+        f"workspace {workspace}, plus {MIN_WINDOW} prefetch slots (and {MIN_WINDOW} more for an MoE "
+        "model's experts) and the units too large to stream. "
         f"Give --memory-budget {need_mib}MiB or more, or a shorter --ctx"
     )
 

@@ -124,6 +124,82 @@ def aligned_empty(nbytes: int) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
+class UnitReader:
+    """Reads units' bytes into slots: one `preadv` per merged range, O_DIRECT where the file
+    system takes it (else buffered, dropping the pages from the cache once copied)."""
+
+    def __init__(self, layouts: Sequence[Layout], direct: bool = True):
+        self._fds: dict[Path, int] = {}
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._layouts = layouts
+        for lay in layouts:
+            self._open(lay.path)
+
+    def _open(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
+            try:
+                fd = os.open(path, flags)
+            except OSError:
+                if not self.direct:
+                    raise
+                self.direct = False  # e.g. tmpfs: fall back to buffered reads for every file
+                fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def fill(self, lay: Layout, slot: np.ndarray) -> int:
+        """Read `lay`'s unit into `slot`; returns the unit's bytes.
+
+        Raises:
+            FormatError: the file ends before the unit (truncated or changed after load).
+            OSError: the read failed.
+        """
+        fd = self._fds[lay.path]
+        total = 0
+        for r in lay.reads:
+            got = 0
+            while got < r.need:
+                n = min(CHUNK, r.nbytes - got)
+                view = memoryview(slot[r.pos + got : r.pos + got + n])
+                try:
+                    m = os.preadv(fd, [view], r.offset + got)
+                except OSError as e:
+                    if not self.direct:
+                        raise
+                    self._reopen_buffered(e)
+                    fd = self._fds[lay.path]
+                    continue
+                if m == 0:
+                    size = os.fstat(fd).st_size
+                    raise FormatError(
+                        f"{lay.path}: the file is truncated or changed since it was loaded (unit "
+                        f"{lay.unit.name} needs bytes up to {r.offset + r.need:,}, the file has {size:,})"
+                    )
+                got += m
+            if not self.direct:
+                os.posix_fadvise(fd, r.offset, r.nbytes, os.POSIX_FADV_DONTNEED)
+            total += r.need
+        return total
+
+    def _reopen_buffered(self, err: OSError) -> None:
+        """O_DIRECT opened but a read was refused (EINVAL on some file systems): go buffered."""
+        import errno
+
+        if err.errno != errno.EINVAL:
+            raise err
+        self.close()
+        self.direct = False
+        for lay in self._layouts:
+            self._open(lay.path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class Streamer:
     """Streams `units` (in the order the forward uses them) through `window` slots.
 
@@ -141,11 +217,8 @@ class Streamer:
         self.slot_size = max(lay.size for lay in self.layouts)
         self.slots = [aligned_empty(self.slot_size) for _ in range(window)]
         self.stats = StreamStats()
-        self._fds: dict[Path, int] = {}
-        self._direct = direct and hasattr(os, "O_DIRECT")
-        for lay in self.layouts:
-            self._open(lay.path)
-        self.stats.direct = self._direct
+        self._reader = UnitReader(self.layouts, direct)
+        self.stats.direct = self._reader.direct
         self._cv = threading.Condition()
         self._next = 0  # the item the reader fills next
         self._produced = 0  # items [0, produced) are in their slots (or were skipped)
@@ -198,29 +271,13 @@ class Streamer:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._reader.close()
 
     def __del__(self):
         if not getattr(self, "_closed", True):
             self.close()
 
     # ---- reader side -----------------------------------------------------------------
-
-    def _open(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            flags = os.O_RDONLY | (os.O_DIRECT if self._direct else 0)
-            try:
-                fd = os.open(path, flags)
-            except OSError:
-                if not self._direct:
-                    raise
-                self._direct = False  # e.g. tmpfs: fall back to buffered reads for every file
-                fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
 
     def _run(self) -> None:
         try:
@@ -243,51 +300,142 @@ class Streamer:
                 self._cv.notify_all()
 
     def _fill(self, k: int) -> int:
-        lay = self.layouts[k % len(self.layouts)]
-        slot = self.slots[k % self.window]
-        fd = self._fds[lay.path]
         t0 = time.perf_counter()
-        total = 0
-        for r in lay.reads:
-            got = 0
-            while got < r.need:
-                n = min(CHUNK, r.nbytes - got)
-                view = memoryview(slot[r.pos + got : r.pos + got + n])
-                try:
-                    m = os.preadv(fd, [view], r.offset + got)
-                except OSError as e:
-                    if not self._direct:
-                        raise
-                    self._reopen_buffered(e)
-                    fd = self._fds[lay.path]
-                    continue
-                if m == 0:
-                    size = os.fstat(fd).st_size
-                    raise FormatError(
-                        f"{lay.path}: the file is truncated or changed since it was loaded (unit "
-                        f"{lay.unit.name} needs bytes up to {r.offset + r.need:,}, the file has {size:,})"
-                    )
-                got += m
-            if not self._direct:
-                os.posix_fadvise(fd, r.offset, r.nbytes, os.POSIX_FADV_DONTNEED)
-            total += r.need
+        read = self._reader.fill(self.layouts[k % len(self.layouts)], self.slots[k % self.window])
         with self._cv:
             self.stats.read_seconds += time.perf_counter() - t0
-        return total
+            self.stats.direct = self._reader.direct
+        return read
 
-    def _reopen_buffered(self, err: OSError) -> None:
-        """O_DIRECT opened but a read was refused (EINVAL on some file systems): go buffered."""
-        import errno
 
-        if err.errno != errno.EINVAL:
-            raise err
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-        self._direct = False
-        self.stats.direct = False
-        for lay in self.layouts:
-            self._open(lay.path)
+class ExpertCache:
+    """MoE experts streamed on demand: `n_slots` slots hold the most recently used experts.
+
+    An expert's use cannot be known ahead of its layer's router, so experts do not ride the
+    ring. Instead, once a layer has routed its tokens, `want` hands the cache the experts that
+    layer will use, in the order it will use them; a background reader fills the missing ones
+    into the least recently used slots while compute works through the ones already there,
+    and `get` waits only for an expert still in flight. An expert that is wanted but not yet
+    used is never evicted, nor is the one compute holds, so two slots always make progress.
+
+    Not thread-safe for consumers: one forward at a time.
+    """
+
+    def __init__(self, units: Sequence[Unit], n_slots: int, direct: bool = True):
+        if n_slots < 2:
+            raise ValueError(f"an expert cache needs 2 slots, not {n_slots}")
+        self.layouts = {u.name: layout(u) for u in units}
+        self.slot_size = max(lay.size for lay in self.layouts.values())
+        self.slots = [aligned_empty(self.slot_size) for _ in range(n_slots)]
+        self.stats = StreamStats()
+        self.hits = 0
+        self._reader = UnitReader(list(self.layouts.values()), direct)
+        self.stats.direct = self._reader.direct
+        self._cv = threading.Condition()
+        self._where: dict[str, int] = {}  # expert -> slot, read or being read
+        self._ready: set[str] = set()
+        self._owner: list[str | None] = [None] * n_slots
+        self._last_use = [0] * n_slots
+        self._clock = 0
+        self._queue: list[str] = []  # wanted, in order of use; consumed by get
+        self._held: str | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="edgert-experts", daemon=True)
+        self._thread.start()
+
+    def want(self, names: Sequence[str]) -> None:
+        """The experts the next `get`s will ask for, in that order (replaces any earlier list)."""
+        with self._cv:
+            self._queue = list(names)
+            self._cv.notify_all()
+
+    def get(self, name: str) -> int:
+        """The slot holding expert `name` (read now if it was not wanted); the expert
+        returned before is released.
+
+        Raises:
+            FormatError: the file was truncated or changed after load.
+            OSError: the read failed.
+        """
+        with self._cv:
+            self._held = None
+            if name in self._queue:
+                self._queue = self._queue[self._queue.index(name) :]
+            else:
+                self._queue.insert(0, name)
+            self._cv.notify_all()
+            if name in self._ready:
+                self.hits += 1
+            else:
+                t0 = time.perf_counter()
+                while name not in self._ready and self._error is None:
+                    self._cv.wait()
+                self.stats.wait_seconds += time.perf_counter() - t0
+            if self._error is not None:
+                raise self._error
+            self._queue.pop(0)
+            self._held = name
+            slot = self._where[name]
+            self._clock += 1
+            self._last_use[slot] = self._clock
+            return slot
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        self._reader.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    def _next_read(self) -> tuple[str, int] | None:
+        """The first wanted expert not in a slot, and a slot to read it into; None if nothing
+        is missing or every slot is held or still wanted. Called with the lock held."""
+        name = next((n for n in self._queue if n not in self._where), None)
+        if name is None:
+            return None
+        keep = set(self._queue)
+        if self._held is not None:
+            keep.add(self._held)
+        free = [i for i, o in enumerate(self._owner) if o is None or (o not in keep and o in self._ready)]
+        if not free:
+            return None
+        slot = min(free, key=self._last_use.__getitem__)
+        old = self._owner[slot]
+        if old is not None:
+            del self._where[old]
+            self._ready.discard(old)
+        self._owner[slot] = name
+        self._where[name] = slot
+        return name, slot
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    job = None
+                    while not self._closed and (job := self._next_read()) is None:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                name, slot = job
+                t0 = time.perf_counter()
+                read = self._reader.fill(self.layouts[name], self.slots[slot])
+                with self._cv:
+                    self.stats.read_seconds += time.perf_counter() - t0
+                    self.stats.bytes_read += read
+                    self.stats.units_read += 1
+                    self.stats.direct = self._reader.direct
+                    self._ready.add(name)
+                    self._cv.notify_all()
+        except BaseException as e:  # handed to the consumer, who raises it
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
 
 
 class RowReader:

@@ -1,10 +1,17 @@
 """Residency units: what the streamer moves between disk and memory, as byte ranges.
 
 A unit is a group of tensors that the forward needs at the same moment: the attention
-block of layer i (q, k, v, o and their biases), its dense FFN (or, in an MoE layer, the
-router and any shared expert), one MoE expert of layer i, the token embedding, the output
-head, and the norms (every per-channel vector of the model, a few KiB per layer). Every
-tensor of the catalog is in exactly one unit.
+block of layer i (q, k, v, o and their biases), each projection of its dense FFN (gate, up
+and down, with their biases; in an MoE layer, the router and any shared expert), one MoE
+expert of layer i, the token embedding, the output head, and the norms (every per-channel
+vector of the model, a few KiB per layer). Every tensor of the catalog is in exactly one
+unit.
+
+The FFN is three units, not one, because the streamer's slots are all the size of the
+largest streamed unit: a whole FFN is 3-5x an attention block (126 MiB against 17 MiB in a
+7B Q4_K_M), so one-FFN slots left the reader idle while an FFN computed, and cost most of a
+window's bytes. Its projections are within 1.5x of each other and of an attention block's
+size, so the same bytes buy a deeper window and the reader runs further ahead.
 
 A unit's reads are its tensors' byte ranges, merged where they touch (or are separated
 only by the file's alignment padding), so a layer's attention block is as few large reads
@@ -99,10 +106,10 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
     """
     full = Shard.full(args)
     shard = shard or full
-    groups: dict[tuple[str, int | None, int | None], list[TensorRef]] = {}
+    groups: dict[tuple[str, int | None, int | None, str], list[TensorRef]] = {}
 
-    def add(kind: str, layer: int | None, expert: int | None, ref: TensorRef) -> None:
-        groups.setdefault((kind, layer, expert), []).append(ref)
+    def add(kind: str, layer: int | None, expert: int | None, ref: TensorRef, part: str = "") -> None:
+        groups.setdefault((kind, layer, expert, part), []).append(ref)
 
     for name, ref in store.refs.items():
         m = _LAYER.match(name)
@@ -128,7 +135,8 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
             elif rest.startswith("attn_"):
                 add("attention", i, None, _shard_attention(ref, rest, args, shard))
             elif rest.startswith("ffn_"):
-                add("ffn", i, None, _shard_ffn(ref, rest, shard, full))
+                part = "" if args.n_experts else rest.split(".")[0][4:]  # gate | up | down
+                add("ffn", i, None, _shard_ffn(ref, rest, shard, full), part)
             elif len(ref.shape) == 1:
                 add("norms", None, None, ref)
             else:
@@ -137,9 +145,9 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
                 )
 
     spans = _tensor_spans(store.refs.values())
-    tied = ("head", None, None) not in groups
+    tied = ("head", None, None, "") not in groups
     out = []
-    for (kind, layer, expert), refs in groups.items():
+    for (kind, layer, expert, part), refs in groups.items():
         per_token = 1.0
         if kind == "expert":
             per_token = args.n_experts_used / args.n_experts if args.n_experts else 1.0
@@ -147,7 +155,7 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
             per_token = 1.0 / max(1, refs[0].n_rows)  # one row per decoded token
         out.append(
             Unit(
-                name=_unit_name(kind, layer, expert),
+                name=_unit_name(kind, layer, expert, part),
                 kind=kind,
                 layer=layer,
                 expert=expert,
@@ -159,12 +167,14 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
         )
     out = _chunk_output(out, groups, tied)
     order = {"embedding": 0, "attention": 1, "ffn": 2, "expert": 3, "head": 4, "norms": 5}
+    parts = {"gate": 0, "up": 1, "down": 2}  # the order the forward uses them
     return sorted(
         out,
         key=lambda u: (
             u.kind in ("head", "norms"),
             -1 if u.layer is None else u.layer,
             order[u.kind],
+            parts.get(u.name.rsplit("_", 1)[-1], -1) if u.kind == "ffn" else 0,
             u.expert or 0,
             u.rows or (0, 0),
         ),
@@ -176,7 +186,7 @@ def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     the largest layer unit. Its rows are independent (each gives some of the logits), and a
     262k-token vocabulary's head is most of a small model: whole, it would set every slot's
     size, or have to be pinned."""
-    key = ("embedding", None, None) if tied else ("head", None, None)
+    key = ("embedding", None, None, "") if tied else ("head", None, None, "")
     refs = groups.get(key, [])
     layer = [u.nbytes for u in out if u.layer is not None]
     if len(refs) != 1 or not layer or isinstance(refs[0], _Strided):
@@ -185,7 +195,7 @@ def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     if ref.nbytes <= limit:
         return out
     step = max(16, limit // ref.row_bytes // 16 * 16)  # whole 16-row groups of the packed layout
-    whole = next(u for u in out if (u.kind, u.layer, u.expert) == key)
+    whole = next(u for u in out if (u.kind, u.layer, u.expert) == key[:3])
     chunks = []
     for j, r0 in enumerate(range(0, ref.n_rows, step)):
         part = ref.rows(r0, min(r0 + step, ref.n_rows))
@@ -205,12 +215,12 @@ def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     return [u for u in out if u is not whole] + chunks
 
 
-def _unit_name(kind: str, layer: int | None, expert: int | None) -> str:
+def _unit_name(kind: str, layer: int | None, expert: int | None, part: str = "") -> str:
     if layer is None:
         return kind
     if expert is not None:
         return f"blk.{layer}.expert.{expert}"
-    return f"blk.{layer}.{kind}"
+    return f"blk.{layer}.{kind}_{part}" if part else f"blk.{layer}.{kind}"
 
 
 # ---- shard slices --------------------------------------------------------------------

@@ -81,3 +81,23 @@ def test_stream_table():
     assert "| 1.50 GiB | 0.250 | 0.050 | 5.00× | 3147 MiB | 0.303 | 82% |" in table
     assert "failed: no result within 600 s" in table and "| 0 / 1 |" in table
     assert res.to_dict()["schema"] == "edgert-bench-stream/1"
+
+
+def test_worker_result_failure_and_timeout():
+    from edgert.workers import WorkerError, run_worker, worker_command
+
+    echo = [
+        sys.executable,
+        "-c",
+        "import json, sys; print('noise'); print(json.dumps(json.loads(sys.argv[-1])[::-1]))",
+    ]
+    assert run_worker(echo, [1, 2, 3], 30) == [3, 2, 1]  # the last stdout line is the result
+    piped = [sys.executable, "-c", "import json, sys; print(json.dumps(json.load(sys.stdin) * 2))"]
+    assert run_worker(piped, 21, 30, stdin=True) == 42
+    with pytest.raises(WorkerError, match="went wrong"):
+        run_worker([sys.executable, "-c", "import sys; sys.exit('it went wrong')"], {}, 30)
+    with pytest.raises(WorkerError, match="no result within 1 s"):
+        run_worker([sys.executable, "-c", "import time; time.sleep(30)"], {}, 1)
+    cmd = worker_command("py", "/x/bench.py")
+    assert cmd[:3] == ["py", "-I", "-c"] and "/x/bench.py" in cmd[3]
+    assert worker_command("py", module="edgert.bench") == ["py", "-m", "edgert.bench"]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_MODELS
-from edgert.offload.stream import ALIGN, RowReader, Streamer, layout
+from conftest import REAL_MODELS, TINY
+from edgert.offload.stream import ALIGN, ExpertCache, RowReader, Streamer, layout
 from edgert.offload.units import ByteRange, Unit, units
 from edgert.quant.formats import QType
 
 import edgert
-from edgert import loader
+from edgert import loader, models
 from edgert.errors import BudgetError, FormatError
 from edgert.weights import TensorRef
 
@@ -92,6 +92,39 @@ def test_streamer_overlaps_reads_with_compute(tmp_path):
             assert s.stats.wait_seconds - waited < 0.02
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
+def test_expert_cache(tmp_path, direct):
+    """Experts come back with their bytes; wanted ones are read ahead, present ones are hits,
+    the least recently used is evicted, and two slots make progress through any want list."""
+    path, data = _file(tmp_path)
+    spans = [[(i * 300_000 + 7, 100_000 + 1000 * i)] for i in range(8)]
+    c = ExpertCache(_units(path, spans), 2, direct=direct)
+
+    def check(i: int) -> None:
+        slot = c.get(f"u{i}")
+        (off, n), lay = spans[i][0], c.layouts[f"u{i}"]
+        assert np.array_equal(c.slots[slot][lay.position(off) : lay.position(off) + n], data[off : off + n])
+
+    try:
+        c.want(["u0", "u1", "u2", "u3"])  # more than the slots: read as slots free up
+        for i in range(4):
+            check(i)
+        assert c.stats.units_read == 4
+        hits = c.hits
+        c.want(["u3", "u2"])  # the last two are still in their slots
+        check(3)
+        check(2)
+        assert c.hits == hits + 2 and c.stats.units_read == 4
+        check(5)  # not wanted: read on demand, evicting the least recently used (u3)
+        check(2)
+        assert c.hits == hits + 3
+        check(3)  # it was evicted: read again
+        assert c.stats.units_read == 6
+        assert c.stats.bytes_read == sum(r.need for i in (0, 1, 2, 3, 5, 3) for r in c.layouts[f"u{i}"].reads)
+    finally:
+        c.close()
 
 
 def test_layout_and_row_reader(tmp_path):
@@ -212,3 +245,60 @@ def test_prompt_streams_each_unit_once_per_chunk(real_model):
         assert (
             st.bytes_read > 0 and st.per_token()["bytes_read"] > 0.9 * llm.model.plan.streamed_per_token.bytes
         )
+
+
+# ---- MoE experts through the expert cache ----------------------------------------------------
+
+
+def _moe_plan(src, ctx: int, everything: bool):
+    """The minimum budget's plan (everything streams: the ring and the expert cache), or the
+    smallest budget whose plan keeps every dense unit and streams experts through a cache too
+    small to hold all of them, so that they are evicted and read again."""
+    from edgert.offload.memory import Memory
+    from edgert.offload.plan import plan_model
+    from edgert.offload.profile import default_profile
+
+    prof, _ = default_profile(None)
+    a, zero = src.args, Memory(0)
+    lo = plan_model(src.store, a, Memory(1 << 40), ctx, prof, overhead=zero).minimum.bytes
+    if everything:
+        return plan_model(src.store, a, Memory(lo), ctx, prof, overhead=zero)
+    for budget in range(lo, lo + 4 * src.store.nbytes(), 512):
+        p = plan_model(src.store, a, Memory(budget), ctx, prof, overhead=zero)
+        kinds = {u.name: u.kind for u in units(src.store, a)}
+        if p.streamed and {kinds[n] for n in p.streamed} == {"expert"} and p.expert_slots < len(p.streamed):
+            return p
+    raise AssertionError("no budget streams only experts")
+
+
+@pytest.mark.parametrize("everything", [False, True], ids=["experts", "everything"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_stream_through_the_cache(arch, everything):
+    """Experts read into the LRU expert cache as the router picks them (with the dense blocks
+    resident, or streaming through the ring): the same logits as the resident model, through
+    a prompt and decode steps."""
+    ctx = 64
+    src = loader.open_source(TINY / arch)
+    p = _moe_plan(src, ctx, everything)
+    mod = models.module_for(src.args.arch)
+    ref = mod.Model(src.args, loader.open_source(TINY / arch).store, ctx)
+    m = mod.Model(src.args, src.store, ctx, plan=p)
+    try:
+        assert (m.streamer is not None) == everything and m.expert_cache is not None
+        tokens = np.arange(3, 15, dtype=np.int64)
+        caches = ref.make_cache(), m.make_cache()
+        want, got = ref(tokens, caches[0], 0, all_logits=True), m(tokens, caches[1], 0, all_logits=True)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        pos = len(tokens)
+        for _ in range(6):
+            tok = np.array([int(want[-1].argmax())])
+            assert int(got[-1].argmax()) == tok[0]
+            want, got = ref(tok, caches[0], pos), m(tok, caches[1], pos)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            pos += 1
+        c = m.expert_cache
+        assert c.stats.units_read > len(c.slots) and c.stats.bytes_read > 0  # evicted and read again
+        ring = m.streamer.stats.bytes_read if everything else 0
+        assert m.io_stats().bytes_read == c.stats.bytes_read + ring
+    finally:
+        m.close()

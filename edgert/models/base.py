@@ -319,9 +319,12 @@ def attention_block(
 def ffn_block(ws: Workspace, L, T: int, act=K.swiglu) -> np.ndarray:
     """Gated FFN over the shard's columns: ws.h[:T] -> partial output in ws.out[:T]."""
     h = ws.h[:T]
-    gate, up = ws.gate[:T, : L.gate.w.shape[0]], ws.up[:T, : L.up.w.shape[0]]
-    project(ws, gate, h, L.gate)
-    project(ws, up, h, L.up, same_input=True)
+    w = L.gate  # each projection is taken once, in the order of use (a streamed FFN acquires it)
+    gate = ws.gate[:T, : w.w.shape[0]]
+    project(ws, gate, h, w)
+    w = L.up
+    up = ws.up[:T, : w.w.shape[0]]
+    project(ws, up, h, w, same_input=True)
     act(gate, up)
     project(ws, ws.out[:T], gate, L.down)
     return ws.out[:T]
@@ -397,6 +400,8 @@ def moe_block(ws: Workspace, a: ModelArgs, L, T: int, act=K.swiglu) -> np.ndarra
     sel, sel_w = ws.sel[:T], ws.sel_w[:T]
     route(ws.router[:T], k, a.norm_topk, sel, sel_w)
     group_by_expert(sel, a.n_experts, ws.offsets, ws.order)
+    if type(L.experts) is not dict:  # some experts stream: say which ones the tokens need
+        L.experts.want([e for e in range(a.n_experts) if ws.offsets[e] < ws.offsets[e + 1]])
     for e in range(a.n_experts):
         lo, hi = ws.offsets[e], ws.offsets[e + 1]
         if lo == hi:
@@ -480,15 +485,23 @@ def load_attention(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Sha
     L.wo = linear(store, f"{p}.attn_output", cols=qrows)
 
 
-def load_ffn(L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i: int) -> None:
-    """The layer's dense FFN, or in an MoE layer its router (experts load one at a time)."""
+FFN_PARTS = ("gate", "up", "down")  # a dense FFN's projections: one residency unit each
+
+
+def load_ffn(
+    L: LayerWeights, store: WeightStore, a: ModelArgs, shard: Shard, i: int, parts=FFN_PARTS
+) -> None:
+    """The layer's dense FFN projections `parts`, or in an MoE layer its router (experts load
+    one at a time)."""
     p = f"blk.{i}"
     if a.n_experts:
         L.router = linear(store, f"{p}.ffn_gate_inp")
-    else:
-        L.gate = linear(store, f"{p}.ffn_gate", rows=shard.ffn)
-        L.up = linear(store, f"{p}.ffn_up", rows=shard.ffn)
-        L.down = linear(store, f"{p}.ffn_down", cols=shard.ffn)
+        return
+    for part in parts:
+        if part == "down":
+            L.down = linear(store, f"{p}.ffn_down", cols=shard.ffn)
+        else:
+            setattr(L, part, linear(store, f"{p}.ffn_{part}", rows=shard.ffn))
 
 
 def load_expert(store: WeightStore, shard: Shard, i: int, e: int) -> Expert:
@@ -498,6 +511,44 @@ def load_expert(store: WeightStore, shard: Shard, i: int, e: int) -> Expert:
         linear(store, f"{p}.ffn_up.{e}", rows=shard.expert_ffn),
         linear(store, f"{p}.ffn_down.{e}", cols=shard.expert_ffn),
     )
+
+
+class StreamedFFN:
+    """Layer i's dense FFN when some of its projections stream. Each projection is its own
+    residency unit: a resident one comes from the layer, a streamed one is acquired from the
+    streamer when the forward asks for it (ffn_block asks for gate, up, down in the order it
+    uses them), which releases the previous unit's slot for the reader to refill."""
+
+    def __init__(self, model: Transformer, i: int):
+        self.model, self.L, self.i = model, model.layers[i], i
+
+    def _get(self, part: str) -> Linear:
+        lin = getattr(self.L, part)
+        return lin if lin is not None else self.model._streamed(f"blk.{self.i}.ffn_{part}")
+
+    gate = property(lambda self: self._get("gate"))
+    up = property(lambda self: self._get("up"))
+    down = property(lambda self: self._get("down"))
+
+
+class StreamedExperts:
+    """Layer i's experts when some of them stream: the resident ones from the layer, the
+    others from the model's expert cache. moe_block tells it which experts the routed tokens
+    need (`want`) before it asks for them one by one (`get`), so the cache reads the missing
+    ones while the present ones compute."""
+
+    def __init__(self, model: Transformer, i: int, resident: dict[int, Expert]):
+        self.model, self.i, self.resident = model, i, resident
+        self.streamed = frozenset(model.shard.experts) - resident.keys()
+        self.names = {e: f"blk.{i}.expert.{e}" for e in self.streamed}
+
+    def want(self, experts) -> None:
+        self.model.expert_cache.want([self.names[e] for e in experts if e in self.streamed])
+
+    def get(self, e: int) -> Expert | None:
+        if e in self.streamed:
+            return self.model._expert(self.i, e)
+        return self.resident.get(e)  # None: another shard's expert
 
 
 class Transformer:
@@ -532,7 +583,7 @@ class Transformer:
         self.shard = shard or Shard.full(a)
         self.comm = comm or Identity()
         self.plan = plan
-        self.streamer = None
+        self.streamer = self.expert_cache = None
         self._views: dict[tuple[str, int], Any] = {}
         pinned = None if plan is None else set(plan.pinned)
         resident = (lambda _unit: True) if pinned is None else pinned.__contains__
@@ -564,11 +615,13 @@ class Transformer:
                 for r0, r1, n, _ in self.head_parts
             ]
         self.layers = [self.load_layer(store, i, resident) for i in range(a.n_layers)]
+        self._ffns = [StreamedFFN(self, i) for i in range(a.n_layers)]
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
         if plan is not None and plan.streamed:
             self.streamer = self._make_streamer(plan, by_name)
+            self.expert_cache = self._make_expert_cache(plan, by_name)
         store.release()  # every pinned tensor now lives in the model: unmap the files
 
     def load_norms(self, store: WeightStore, i: int) -> LayerWeights:
@@ -583,15 +636,13 @@ class Transformer:
             L.k_norm = norm(store, f"{p}.attn_k_norm", a.norm_shift)
         if resident(f"{p}.attention"):
             load_attention(L, store, a, self.shard, i)
-        if resident(f"{p}.ffn"):
-            load_ffn(L, store, a, self.shard, i)
         if a.n_experts:
-            for e in self.shard.experts:
-                if not resident(f"{p}.expert.{e}"):
-                    raise UnsupportedError(
-                        "streaming MoE experts is not supported yet: give a memory budget that "
-                        "keeps every expert resident"
-                    )
+            if resident(f"{p}.ffn"):
+                load_ffn(L, store, a, self.shard, i)
+        else:
+            load_ffn(L, store, a, self.shard, i, [q for q in FFN_PARTS if resident(f"{p}.ffn_{q}")])
+        for e in self.shard.experts if a.n_experts else ():
+            if resident(f"{p}.expert.{e}"):
                 L.experts[e] = load_expert(store, self.shard, i, e)
         return L
 
@@ -599,8 +650,34 @@ class Transformer:
         from edgert.offload.stream import Streamer
 
         head = [n for _, _, n, lin in self.head_parts if lin is None]
-        order = [n for n in plan.streamed if n not in head] + head  # a tied embedding is read as the head
-        return Streamer([by_name[n] for n in order], plan.window)
+        ring = [n for n in plan.streamed if n not in head and by_name[n].kind != "expert"]
+        ring += head  # a tied embedding is read as the head, last
+        return Streamer([by_name[n] for n in ring], plan.window) if ring else None
+
+    def _make_expert_cache(self, plan, by_name: dict):
+        """An LRU cache for the streamed experts; their layers ask it for them (StreamedExperts)."""
+        from edgert.offload.stream import ExpertCache
+
+        streamed = [by_name[n] for n in plan.streamed if by_name[n].kind == "expert"]
+        if not streamed:
+            return None
+        for i in sorted({u.layer for u in streamed}):
+            self.layers[i].experts = StreamedExperts(self, i, self.layers[i].experts)
+        return ExpertCache(streamed, plan.expert_slots)
+
+    def io_stats(self):
+        """What the streamer and the expert cache have read so far (a StreamStats), or None
+        when nothing streams."""
+        parts = [s.stats for s in (self.streamer, self.expert_cache) if s is not None]
+        if not parts:
+            return None
+        total = parts[0].snapshot()
+        for p in parts[1:]:
+            total.bytes_read += p.bytes_read
+            total.units_read += p.units_read
+            total.read_seconds += p.read_seconds
+            total.wait_seconds += p.wait_seconds
+        return total
 
     # ---- the blocks, resident or streamed ----------------------------------------------
 
@@ -610,12 +687,18 @@ class Transformer:
 
     def ffn(self, i: int):
         L = self.layers[i]
-        return L if L.gate is not None or L.router is not None else self._streamed(f"blk.{i}.ffn")
+        if self.args.n_experts:
+            return L if L.router is not None else self._streamed(f"blk.{i}.ffn")
+        return L if L.down is not None and L.gate is not None and L.up is not None else self._ffns[i]
 
     def head(self):
-        """The output matrix's row pieces, (first row, last row, Linear), streamed ones as they arrive."""
+        """The output matrix's row pieces, (first row, last row, Linear), streamed ones as they
+        arrive. The last streamed unit of the token is released at the end, so the reader can
+        refill its slot while the next token computes its resident layers."""
         for r0, r1, name, lin in self.head_parts:
             yield r0, r1, lin if lin is not None else self._streamed(name)
+        if self.streamer is not None:
+            self.streamer.release()
 
     def _streamed(self, name: str):
         """Unit `name`'s weights as views of the slot the streamer read it into (built once
@@ -624,6 +707,19 @@ class Transformer:
         view = self._views.get((name, slot))
         if view is None:
             view = self._views[(name, slot)] = self._view(name, slot)
+        return view
+
+    def _expert(self, i: int, e: int) -> Expert:
+        """Expert e of layer i from the expert cache (views built once per expert and slot)."""
+        name = f"blk.{i}.expert.{e}"
+        slot = self.expert_cache.get(name)
+        view = self._views.get((name, slot))
+        if view is None:
+            from edgert.offload.stream import SlotStore
+
+            c = self.expert_cache
+            store = SlotStore(self.store.refs, c.layouts[name], c.slots[slot])
+            view = self._views[(name, slot)] = load_expert(store, self.shard, i, e)
         return view
 
     def _view(self, name: str, slot: int):
@@ -639,15 +735,20 @@ class Transformer:
         if name.endswith(".attention"):
             load_attention(L, store, self.args, self.shard, i)
             L.q_norm, L.k_norm = R.q_norm, R.k_norm
-        else:
+            return L
+        if self.args.n_experts:
             load_ffn(L, store, self.args, self.shard, i)
             L.experts = R.experts
-        return L
+            return L
+        part = name.rsplit("_", 1)[1]
+        load_ffn(L, store, self.args, self.shard, i, (part,))
+        return getattr(L, part)
 
     def close(self) -> None:
         """Stop the streamer's reader and close its files (the model cannot run after this)."""
-        if self.streamer is not None:
-            self.streamer.close()
+        for s in (self.streamer, self.expert_cache):
+            if s is not None:
+                s.close()
         if type(self.embed) is RowReader:
             self.embed.close()
 
