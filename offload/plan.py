@@ -16,9 +16,12 @@ Decisions, and why:
   so the planner tries every slot size (each distinct unit size) and keeps the one that
   streams the fewest bytes per token; this is what pins a big output head first, since
   pinning it shrinks every slot to the size of a layer block. The rest of the budget
-  pins whole layers in order (layer 0 first): a run of resident layers is the draft model
-  of self-speculative decoding, which then reads no disk, and the streamed units stay one
-  contiguous run of layers; whatever is left pins the largest units that still fit.
+  pins whole layers, spread evenly through the depth (layers 0, n/2, n/4, 3n/4, ...):
+  the streamed layers then alternate with resident ones, so the reader fills the window
+  while the resident layers compute, instead of idling through one long resident run (on
+  the 7B at 3.5 GB, a resident run of 15 layers left the disk idle for 15% of each token).
+  Any set of resident layers is also a layer-skipping draft for self-speculative decoding.
+  Whatever is left pins the largest units that still fit.
 - MoE experts are read with probability n_experts_used / n_experts per token (uniform
   routing; the expert cache does better), so a pinned expert byte saves less than a
   dense one: experts are pinned after every dense unit. Streamed experts do not ride the
@@ -285,7 +288,7 @@ def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile
 
 
 def _fill(movable: list[Unit], must: list[Unit], room: int) -> set[Unit]:
-    """Pin `must`, then whole layers in order, then the largest units that still fit `room`
+    """Pin `must`, then whole layers spread through the depth, then the largest units that fit `room`
     bytes (what the budget leaves once the fixed costs and the window are paid)."""
     pinned = set(must)
     room -= sum(u.nbytes for u in must)
@@ -295,7 +298,7 @@ def _fill(movable: list[Unit], must: list[Unit], room: int) -> set[Unit]:
         if u.per_token >= 1.0:
             layers.setdefault(u.layer, []).append(u)
     groups = [layers.pop(None)] if None in layers else []  # a head or tied embedding
-    groups += [layers[i] for i in sorted(layers)]
+    groups += [layers[i] for i in _spread(sorted(layers))]
     for g in groups:
         size = sum(u.nbytes for u in g)
         if size <= room:
@@ -310,6 +313,25 @@ def _fill(movable: list[Unit], must: list[Unit], room: int) -> set[Unit]:
             pinned.add(u)
             room -= u.nbytes
     return pinned
+
+
+def _spread(items: list) -> list:
+    """`items` reordered so that every prefix is spread evenly over the list: the van der
+    Corput sequence (0, 1/2, 1/4, 3/4, 1/8, ...) scaled to its length."""
+    n, order, seen = len(items), [], set()
+    j = 0
+    while len(order) < n:
+        x, f, k = 0.0, 0.5, j
+        while k:
+            x += f * (k & 1)
+            k >>= 1
+            f /= 2
+        i = int(x * n)
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        j += 1
+    return [items[i] for i in order]
 
 
 def _below_minimum(budget, minimum, context, overhead, kv, workspace) -> str:
