@@ -398,10 +398,10 @@ class ExpertCache:
         """
         with self._cv:
             self._held = None
-            if name in self._queue:
+            if name in self._queue:  # the wanted ones before it were skipped
                 self._queue = self._queue[self._queue.index(name) :]
-            else:
-                self._queue.insert(0, name)
+            else:  # not announced: the wants are stale (and must not pin every slot)
+                self._queue = [name]
             self._cv.notify_all()
             if name in self._ready:
                 self.hits += 1
