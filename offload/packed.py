@@ -212,6 +212,7 @@ def _build(path: Path, store: WeightStore, units: Sequence[Unit], progress: Prog
     what = f"packing the streamed weights into {path.name}"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # like the models beside it (mkstemp makes it private)
     w = _Writer(fd, store, lambda n: progress(what, n, total) if progress else None)
     try:
         index, off = {}, ALIGN
