@@ -92,7 +92,16 @@ def _load(
     budget = plan_cmd.parse_budget(memory_budget, src.store.nbytes()) if memory_budget else None
     if not kernels_cached():
         typer.echo(COMPILE_NOTICE, err=True)
-    return LLM(src, context=ctx, memory_budget=budget, profile=profile, kv_bits=kv_bits)
+    return LLM(
+        src,
+        context=ctx,
+        memory_budget=budget,
+        profile=profile,
+        kv_bits=kv_bits,
+        cache_dir=_cache_dir(),
+        pack_stream=plan_cmd.pack_stream(),
+        progress=_progress(),
+    )
 
 
 def _stats_line(st) -> str:

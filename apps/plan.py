@@ -52,6 +52,7 @@ def plan(
     from edgert.offload.plan import kv_bytes_per_token, measured_overhead, plan_model
     from edgert.offload.profile import default_profile
     from edgert.quant.kv import KV_BITS, check_kv_bits
+    from edgert.quant.pack import HAVE_VNNI
 
     from edgert import loader
 
@@ -59,7 +60,9 @@ def plan(
     prof, which = default_profile(profile)
     budget = parse_budget(memory_budget, src.store.nbytes())
     overhead = measured_overhead()  # the same measure a run takes, in a process at the same point
-    p = plan_model(src.store, src.args, budget, ctx, prof, overhead=overhead, kv_bits=check_kv_bits(kv_bits))
+    bits = check_kv_bits(kv_bits)
+    packed = pack_stream() and HAVE_VNNI  # as `run` will stream
+    p = plan_model(src.store, src.args, budget, ctx, prof, overhead=overhead, kv_bits=bits, packed=packed)
     kv_at = {b: kv_bytes_per_token(src.args, kv_bits=b, context=p.context) * p.context for b in KV_BITS}
     if as_json:
         extra = {"kv_bits": kv_bits, "kv_bytes_at_bits": kv_at}
@@ -101,6 +104,12 @@ def plan(
     )
 
 
+def pack_stream() -> bool:
+    """EDGERT_PACKED_STREAM=0 streams a budget's weights from the model file's raw blocks
+    instead of the packed copy in the cache (slower kernels; no extra file)."""
+    return os.environ.get("EDGERT_PACKED_STREAM", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def plan_summary(p) -> str:
     """Three lines on what a loaded model's plan keeps and streams (for run --verbose)."""
     s = p.seconds
@@ -119,7 +128,7 @@ def _slots(p) -> str:
     parts = [f"{p.window} ring slots"] if p.window or not p.expert_slots else []
     if p.expert_slots:
         parts.append(f"{p.expert_slots} expert-cache slots")
-    return " + ".join(parts) + f" of {p.slot}"
+    return " + ".join(parts) + f" of {p.slot}" + (" (packed)" if p.packed else "")
 
 
 def _mib(n: int) -> str:

@@ -23,9 +23,22 @@ class LLM:
         memory_budget: str | int | None = None,
         profile: str | None = None,
         kv_bits: int = 16,
+        cache_dir: Path | None = None,
+        pack_stream: bool = True,
+        progress=None,
     ):
         self.source = source
-        self.model = loader.build(source, context, max_tokens, memory_budget, profile, kv_bits=kv_bits)
+        self.model = loader.build(
+            source,
+            context,
+            max_tokens,
+            memory_budget,
+            profile,
+            cache_dir=cache_dir,
+            pack_stream=pack_stream,
+            progress=progress,
+            kv_bits=kv_bits,
+        )
         self.tokenizer = source.tokenizer
         self.session = Session(self.model, self.tokenizer)
 
@@ -117,6 +130,7 @@ def load(
     memory_budget: str | int | None = None,
     profile: str | None = None,
     kv_bits: int = 16,
+    pack_stream: bool = True,
 ) -> LLM:
     """Load a model: a .gguf file, an HF safetensors folder, or a known name (pulled on first use).
 
@@ -129,10 +143,25 @@ def load(
         profile: the device profile the memory plan predicts speed from (a shipped name or a
             TOML path; default: this host's measured one, else laptop-8gb).
         kv_bits: KV cache precision: 16 (fp16), 8 (per token) or 4 (KIVI: keys per channel).
+        cache_dir: where pulled models and the packed stream file go (default ~/.cache/edgert).
+        progress: called as progress(what, done, total) while pulling or packing.
+        pack_stream: streamed weights are read from a packed copy in the cache, written on
+            first use, so they run on the fast kernels; False reads the model file's blocks.
     Raises:
         FormatError, UnsupportedError, ModelNotFoundError, DownloadError, OptionError (kv_bits);
-        BudgetError when the budget is below the minimum working set (the message gives it).
+        BudgetError when the budget is below the minimum working set (the message gives it);
+        CacheError when the packed stream file cannot be written.
     """
     set_threads(threads)
     path = loader.resolve(model, cache_dir, progress)
-    return LLM(loader.open_source(path), context, max_tokens, memory_budget, profile, kv_bits)
+    return LLM(
+        loader.open_source(path),
+        context,
+        max_tokens,
+        memory_budget,
+        profile,
+        kv_bits,
+        cache_dir=cache_dir,
+        pack_stream=pack_stream,
+        progress=progress,
+    )

@@ -35,3 +35,7 @@ class BudgetError(EdgertError):
 
 class ClusterError(EdgertError):
     """A peer is unreachable, unauthorised, or stopped answering."""
+
+
+class CacheError(EdgertError):
+    """A file edgert keeps in its cache folder (the packed stream file) cannot be written."""

@@ -121,23 +121,39 @@ def build(
     max_tokens: int = 64,
     memory_budget: str | int | None = None,
     profile: str | None = None,
+    cache_dir: Path | None = None,
+    pack_stream: bool = True,
+    progress=None,
     **kw,
 ) -> Transformer:
     """The model, ready to run. With a `memory_budget` ("1.5GiB", bytes, ...), the offload
     planner decides which units stay resident and the rest stream from disk; `profile`
     (a shipped profile name or a TOML path) is the device the plan predicts speed for.
 
+    Streamed units are read from the packed stream file in `cache_dir` (default
+    ~/.cache/edgert), written on first use (`progress(what, done, total)` follows it), so
+    they run on the fast kernels; `pack_stream=False` reads them from the model file.
+
     Raises:
         BudgetError: the budget is below the minimum working set (the message gives it).
         UnsupportedError: the plan needs something the streamer cannot do yet.
+        CacheError: the packed stream file cannot be written.
     """
     module = models.module_for(src.args.arch)
     ctx = min(context or src.args.context_length, src.args.context_length)
-    plan = None
+    plan = stream = None
     if memory_budget is not None:
-        plan = make_plan(src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16))
+        plan = make_plan(src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16), pack_stream)
         src.store.drop_cache = True  # what is packed leaves the page cache too
-    return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, **kw)
+        if plan.packed and plan.streamed:
+            from edgert.offload.packed import stream_file
+            from edgert.offload.units import units
+
+            shard = kw.get("shard")
+            cache = cache_dir or hub.default_cache_dir()
+            us = units(src.store, src.args, shard)
+            stream = stream_file(src.path, src.store, us, plan.streamed, cache, progress)
+    return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, stream_file=stream, **kw)
 
 
 def make_plan(
@@ -147,10 +163,13 @@ def make_plan(
     max_tokens: int = 64,
     profile: str | None = None,
     kv_bits: int = 16,
+    pack_stream: bool = True,
 ):
+    """The offload plan `build` follows; `pack_stream` as there (it needs AVX512-VNNI)."""
     from edgert.offload.memory import Memory
     from edgert.offload.plan import measured_overhead, plan_model
     from edgert.offload.profile import default_profile
+    from edgert.quant.pack import HAVE_VNNI
 
     try:
         budget = Memory.parse(memory_budget)
@@ -166,4 +185,5 @@ def make_plan(
         max_tokens=max_tokens,
         kv_bits=kv_bits,
         overhead=measured_overhead(),
+        packed=pack_stream and HAVE_VNNI,
     )

@@ -43,9 +43,10 @@ Decisions, and why:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from edgert.offload import packed as packed_file
 from edgert.offload.memory import ZERO, Memory
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
@@ -107,6 +108,7 @@ class Plan:
     seconds_per_token: float
     bottleneck: str  # "disk" | "memory" | "compute"
     seconds: dict  # {"disk": s, "memory": s, "compute": s}
+    packed: bool = False  # slots sized for the packed stream file's blocks (edgert.offload.packed)
 
     @property
     def tokens_per_second(self) -> float:
@@ -185,8 +187,11 @@ def plan(
     profile: DeviceProfile,
     overhead: Memory = DEFAULT_OVERHEAD,
     workspace: Memory = ZERO,
+    packed: bool = False,
 ) -> Plan:
     """Plan residency for `units` under `budget` (see the module docstring for the rules).
+    `packed`: streamed units that pack are read from the packed stream file, whose blocks
+    (up to 3% larger than the file's Q4_K bytes) set their slots' size.
 
     Raises:
         BudgetError: the budget is below the minimum working set; the message gives it.
@@ -204,7 +209,8 @@ def plan(
 
     best = None  # (streamed per token, used, pinned set, slot, depth)
     minimum = None
-    size = {u.name: slot_bytes(u) for u in movable}  # a unit's slot, with its reads' alignment
+    slot_size: Callable[[Unit], int] = packed_file.slot_bytes if packed else slot_bytes
+    size = {u.name: slot_size(u) for u in movable}  # a unit's slot, with its reads' alignment
     pools = 2 if any(u.kind == "expert" for u in movable) else 1  # the window, the expert cache
     for cap in sorted({0, *size.values()}):
         must = [u for u in movable if size[u.name] > cap]
@@ -275,6 +281,7 @@ def plan(
         seconds_per_token=seconds[bottleneck],
         bottleneck=bottleneck,
         seconds=seconds,
+        packed=packed,
     )
 
 
@@ -355,8 +362,10 @@ def plan_model(
     overhead: Memory = DEFAULT_OVERHEAD,
     max_tokens: int = 64,
     kv_bits: int = 16,
+    packed: bool = False,
 ) -> Plan:
-    """`plan` for a model catalog: units, KV bytes (at kv_bits) and workspace from the config.
+    """`plan` for a model catalog: units, KV bytes (at kv_bits) and workspace from the config;
+    `packed` as for `plan`.
 
     Raises:
         BudgetError: the budget is below the minimum working set.
@@ -370,4 +379,5 @@ def plan_model(
         profile,
         overhead,
         Memory(workspace_bytes(args, context, max_tokens, profile.cores, shard)),
+        packed,
     )

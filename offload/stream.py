@@ -17,8 +17,11 @@ reads of the 7B file, 8 MiB requests: 1.0 GB/s with O_DIRECT against 0.12-0.23 G
 buffered in this sandbox's VM). Where O_DIRECT is refused, reads are buffered and the
 pages are dropped from the cache with POSIX_FADV_DONTNEED once copied.
 
-Kernels read a streamed unit straight from its slot: the slot holds the file's GGUF blocks
-and the raw-layout kernels take them as they are (no copy, no repacking).
+Kernels read a streamed unit straight from its slot (no copy). A unit's bytes come either
+from the model file, as its GGUF blocks, which only the raw-layout kernels take (3-4 GB/s
+on 2 threads), or from the packed stream file (edgert.offload.packed), which holds them
+already repacked into the row-interleaved records of the packed kernels (28-30 GB/s): the
+`Layout` says which, and where each tensor lies in the slot.
 """
 
 from __future__ import annotations
@@ -26,15 +29,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE
+from edgert.quant.pack import PackedWeight
 
 from edgert.errors import FormatError, UnsupportedError
-from edgert.weights import WeightStore
+from edgert.weights import TensorRef, WeightStore
 
 if TYPE_CHECKING:  # units imports the models, which import this module
     from edgert.offload.units import Unit
@@ -53,21 +58,42 @@ class Read(NamedTuple):
     need: int
 
 
+class Piece(NamedTuple):
+    """One tensor of a unit read from the packed stream file: `nbytes` at slot position `pos`,
+    packed records if `interleaved`, else the tensor's raw bytes (biases, float tensors)."""
+
+    pos: int
+    nbytes: int
+    interleaved: bool
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Where one unit's bytes sit in a slot."""
+    """Where one unit's bytes sit in a slot. `pieces` is empty when the unit is read from the
+    model file (a tensor then lies at the slot position of its file bytes); for a unit read
+    from the packed stream file it maps each tensor's model-file offset to its piece."""
 
     unit: Unit
     path: Path
     reads: tuple[Read, ...]
     size: int  # slot bytes this unit needs
+    pieces: Mapping[int, Piece] = field(default_factory=dict, compare=False, repr=False)
 
     def position(self, offset: int) -> int:
-        """Slot position of the file byte at `offset`."""
+        """Slot position of the byte at `offset` of `path`."""
         for r in self.reads:
             if r.offset <= offset < r.offset + r.need:
                 return r.pos + offset - r.offset
         raise KeyError(f"byte {offset} is not in unit {self.unit.name}")
+
+    def place(self, ref: TensorRef) -> Piece:
+        """Where tensor `ref` (a catalog ref, or the row slice of one that the unit holds) lies."""
+        if not self.pieces:
+            return Piece(self.position(ref.offset), ref.nbytes, False)
+        try:
+            return self.pieces[ref.offset]
+        except KeyError:
+            raise KeyError(f"{ref.name} at byte {ref.offset} is not in unit {self.unit.name}") from None
 
 
 def layout(unit: Unit) -> Layout:
@@ -88,6 +114,9 @@ def layout(unit: Unit) -> Layout:
         reads.append(Read(lo, hi - lo, pos, r.offset + r.nbytes - lo))
         pos += hi - lo
     return Layout(unit, paths.pop(), tuple(reads), pos)
+
+
+Place = Callable[["Unit"], Layout]  # a unit's layout: `layout`, or a packed stream file's
 
 
 def slot_bytes(unit: Unit) -> int:
@@ -221,12 +250,19 @@ class Streamer:
     Not thread-safe for consumers: one forward at a time acquires units.
     """
 
-    def __init__(self, units: Sequence[Unit], window: int, direct: bool = True, readers: int = READERS):
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        window: int,
+        direct: bool = True,
+        readers: int = READERS,
+        place: Place = layout,
+    ):
         if not units:
             raise ValueError("nothing to stream")
         if window < 1:
             raise ValueError(f"a window of {window} slots")
-        self.layouts = [layout(u) for u in units]
+        self.layouts = [place(u) for u in units]
         self.index = {u.name: i for i, u in enumerate(units)}
         self.window = window
         self.slot_size = max(lay.size for lay in self.layouts)
@@ -359,10 +395,10 @@ class ExpertCache:
     Not thread-safe for consumers: one forward at a time.
     """
 
-    def __init__(self, units: Sequence[Unit], n_slots: int, direct: bool = True):
+    def __init__(self, units: Sequence[Unit], n_slots: int, direct: bool = True, place: Place = layout):
         if n_slots < 2:
             raise ValueError(f"an expert cache needs 2 slots, not {n_slots}")
-        self.layouts = {u.name: layout(u) for u in units}
+        self.layouts = {u.name: place(u) for u in units}
         self.slot_size = max(lay.size for lay in self.layouts.values())
         self.slots = [aligned_empty(self.slot_size) for _ in range(n_slots)]
         self.stats = StreamStats()
@@ -507,9 +543,11 @@ class RowReader:
 
 
 class SlotStore(WeightStore):
-    """The tensors of one streamed unit, as zero-copy views of the slot that holds it."""
+    """The tensors of one streamed unit, as zero-copy views of the slot that holds it: `matrix`
+    gives a weight as the kernels take it, packed records or raw blocks, whichever the slot
+    holds, so the model asks one question whatever file the unit was read from."""
 
-    packs = False
+    packs = False  # `linear` takes `matrix` as it is: the slot's bytes are not repacked
 
     def __init__(self, refs: dict, lay: Layout, slot: np.ndarray):
         super().__init__(refs)
@@ -518,5 +556,15 @@ class SlotStore(WeightStore):
 
     def raw(self, ref) -> np.ndarray:
         ref = self.ref(ref) if isinstance(ref, str) else ref
-        pos = self.layout.position(ref.offset)
-        return self.slot[pos : pos + ref.nbytes].reshape(-1, ref.row_bytes)
+        p = self.layout.place(ref)
+        if p.interleaved:
+            raise ValueError(f"{ref.name} is held as packed records in unit {self.layout.unit.name}")
+        return self.slot[p.pos : p.pos + ref.nbytes].reshape(-1, ref.row_bytes)
+
+    def matrix(self, ref: TensorRef) -> PackedWeight | np.ndarray:
+        """Weight `ref` for `matmul`: a PackedWeight over the slot's records, or its raw rows."""
+        p = self.layout.place(ref)
+        if not p.interleaved:
+            return self.raw(ref)
+        n_cols = ref.row_bytes // TYPE_SIZE[ref.qtype] * BLOCK_SIZE[ref.qtype]
+        return PackedWeight(self.slot[p.pos : p.pos + p.nbytes], ref.qtype, ref.n_rows, n_cols, True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -81,6 +81,9 @@ class Unit:
     tensors: tuple[str, ...]
     per_token: float = 1.0
     rows: tuple[int, int] | None = None  # a row chunk [start, stop) of a one-tensor unit
+    # The unit's tensors as it holds them (this shard's row slices, a head chunk's rows; a
+    # column slice is a _Strided): what the packed stream file packs (edgert.offload.packed).
+    parts: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def read_bytes(self) -> int:
@@ -163,6 +166,7 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
                 nbytes=sum(r.nbytes * _pieces(r) for r in refs),
                 tensors=tuple(sorted(r.name for r in refs)),
                 per_token=per_token,
+                parts=tuple(refs),
             )
         )
     out = _chunk_output(out, groups, tied)
@@ -210,6 +214,7 @@ def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
                 tensors=whole.tensors,
                 per_token=whole.per_token,
                 rows=(r0, r0 + part.n_rows),
+                parts=(part,),
             )
         )
     return [u for u in out if u is not whole] + chunks

@@ -60,6 +60,15 @@ class PackedWeight:
         return f"PackedWeight({self.qtype.name}, {self.n_rows}x{self.n_cols}, {self.nbytes} bytes)"
 
 
+def packed_nbytes(qtype: int, n_rows: int, n_cols: int) -> int | None:
+    """Bytes of the records `pack` makes of n_rows x n_cols values of this type (rows padded to
+    whole groups of 16); None when it keeps the raw rows (no record layout, or no AVX512-VNNI)."""
+    qt = as_qtype(qtype)
+    if qt not in _REC or not HAVE_VNNI or n_rows == 0:
+        return None
+    return (n_rows + G - 1) // G * (n_cols // BLOCK_SIZE[qt]) * _REC[qt]
+
+
 def pack(w: np.ndarray, qtype: int, chunk_rows: int = 8192, done=None) -> PackedWeight:
     """Copy raw GGUF rows (uint8 [N, row bytes], possibly a strided view) into the layout `matmul` runs
     fastest on. Types without a row-interleaved kernel (or CPUs without AVX512-VNNI) keep their rows.

@@ -16,6 +16,7 @@ from conftest import REAL_MODELS, TINY
 from edgert.offload.stream import ALIGN, ExpertCache, RowReader, Streamer, layout
 from edgert.offload.units import ByteRange, Unit, units
 from edgert.quant.formats import QType
+from edgert.quant.pack import HAVE_VNNI
 
 import edgert
 from edgert import loader, models
@@ -220,13 +221,17 @@ def test_budget_below_minimum_is_refused_with_the_minimum(real_model, tmp_path):
         edgert.load(path, context=CTX, memory_budget="50MiB")
 
 
-def test_truncated_after_load_fails_clearly(real_model, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["model-file", "packed-file"])
+def test_truncated_after_load_fails_clearly(real_model, tmp_path, packed):
+    """The file the streamer reads (the model's, or the packed stream file) shrinks under it."""
     path = tmp_path / "model.gguf"
     shutil.copy(real_model("smollm2-135m"), path)
-    with _load_in_process(path) as llm:
+    with _load_in_process(path, cache_dir=tmp_path, pack_stream=packed) as llm:
         assert llm.model.streamer is not None
+        assert (llm.model.stream_file is not None) == (packed and HAVE_VNNI)
         llm.generate(PROMPT, max_tokens=2)
-        os.truncate(path, path.stat().st_size // 2)
+        read = llm.model.stream_file.path if llm.model.stream_file else path
+        os.truncate(read, read.stat().st_size // 2)
         with pytest.raises(FormatError, match="truncated or changed since it was loaded"):
             llm.generate(" and the capital of Spain is", max_tokens=4)
 

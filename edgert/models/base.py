@@ -187,15 +187,20 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
     ref = store.ref(f"{name}.weight")
     if rows is not None and (rows.start, rows.stop) != (0, ref.n_rows):
         ref = ref.rows(rows.start, rows.stop)
-    raw = store.raw(ref)
-    if cols is not None and (cols.start, cols.stop) != (0, ref.shape[-1]):
-        raw = _cols(raw, ref.qtype, cols.start, cols.stop, ref.name)
+    sliced = cols is not None and (cols.start, cols.stop) != (0, ref.shape[-1])
     bias = None
     if f"{name}.bias" in store:
         bias = store.f32(f"{name}.bias")
         if rows is not None:
             bias = np.ascontiguousarray(bias[rows.start : rows.stop])
-    if not store.packs:  # a streamer's slot: the kernels read the file's blocks where they lie
+    if not store.packs and not sliced:
+        # A streamer's slot: the kernels read the weight where it lies, as the packed stream
+        # file's records or the model file's blocks (SlotStore.matrix knows which).
+        return Linear(store.matrix(ref), ref.qtype, bias)
+    raw = store.raw(ref)
+    if sliced:
+        raw = _cols(raw, ref.qtype, cols.start, cols.stop, ref.name)
+    if not store.packs:  # a column slice in a slot (raw blocks: it does not stream packed)
         return Linear(raw, ref.qtype, bias)
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
@@ -574,6 +579,7 @@ class Transformer:
         kv_dtype=np.float16,
         plan=None,
         kv_bits: int = 16,
+        stream_file=None,
     ):
         self.args = a = args
         self.kv_dtype = kv_dtype  # of the 16-bit cache: float16, or float32 (tests)
@@ -583,6 +589,9 @@ class Transformer:
         self.shard = shard or Shard.full(a)
         self.comm = comm or Identity()
         self.plan = plan
+        # Where streamed units are read from: the packed stream file (edgert.offload.packed),
+        # whose layouts put packed records in the slots, or the model file's raw blocks.
+        self.stream_file = stream_file
         self.streamer = self.expert_cache = None
         self._views: dict[tuple[str, int], Any] = {}
         pinned = None if plan is None else set(plan.pinned)
@@ -652,7 +661,7 @@ class Transformer:
         head = [n for _, _, n, lin in self.head_parts if lin is None]
         ring = [n for n in plan.streamed if n not in head and by_name[n].kind != "expert"]
         ring += head  # a tied embedding is read as the head, last
-        return Streamer([by_name[n] for n in ring], plan.window) if ring else None
+        return Streamer([by_name[n] for n in ring], plan.window, place=self._place()) if ring else None
 
     def _make_expert_cache(self, plan, by_name: dict):
         """An LRU cache for the streamed experts; their layers ask it for them (StreamedExperts)."""
@@ -663,7 +672,12 @@ class Transformer:
             return None
         for i in sorted({u.layer for u in streamed}):
             self.layers[i].experts = StreamedExperts(self, i, self.layers[i].experts)
-        return ExpertCache(streamed, plan.expert_slots)
+        return ExpertCache(streamed, plan.expert_slots, place=self._place())
+
+    def _place(self):
+        from edgert.offload.stream import layout
+
+        return layout if self.stream_file is None else self.stream_file.layout
 
     def io_stats(self):
         """What the streamer and the expert cache have read so far (a StreamStats), or None
