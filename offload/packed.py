@@ -16,9 +16,10 @@ unit reads from this one file. A unit's block is a pure function of the unit (`b
 the planner sizes slots from it before the file exists. A head row chunk packs its own
 rows (chunks start on 16-row groups, so the bytes are those of the whole tensor's packing).
 
-Which units are in it: those a plan streams, and any that an earlier plan put there (a new
-budget that streams more rebuilds it with the union, so alternating budgets do not
-thrash). Units that cannot pack (no block type with records, a column-sliced shard, a CPU
+Which units are in it: every unit of the model that packs, whatever the plan streams, so
+that it is written once per model: plans drift with the runtime's measured overhead and
+with the budget, and a file holding only one plan's units was rewritten on nearly every
+run. Units that cannot pack (no block type with records, a column-sliced shard, a CPU
 without VNNI) stream from the model file as before.
 
 The file is keyed on the model files' paths, sizes and mtimes, the layout version and the
@@ -174,8 +175,8 @@ def stream_file(
     progress: Progress | None = None,
 ) -> StreamFile | None:
     """The packed stream file holding the `streamed` units (of the model's `units`) that pack:
-    the one in the cache if it is valid and has them, else built (with whatever a valid old
-    file held too) and renamed into place. None when none of them packs.
+    the one in the cache if it is valid and has them, else built with every unit that packs
+    and renamed into place. None when none of the streamed units packs.
 
     Raises:
         CacheError: the file cannot be written (the message names it and what to do).
@@ -189,8 +190,7 @@ def stream_file(
     have = read_index(path, store)
     if have is not None and all(have.has(by_name[n]) for n in want):
         return have
-    if have is not None:  # keep what an earlier plan streamed: another budget may want it again
-        want |= {n for n in have.units if n in by_name and block(by_name[n]) is not None}
+    want = {u.name for u in units if block(u) is not None}  # once for every plan
     try:
         _build(path, store, [u for u in units if u.name in want], progress)
     except OSError as e:

@@ -230,7 +230,7 @@ def plan(
         if best is None or (cost, used) < (best[0], best[1]):
             best = (cost, used, pinned, slot, depth)
     if best is None:
-        raise BudgetError(_below_minimum(budget, minimum, context, overhead, kv, workspace))
+        raise BudgetError(_below_minimum(budget, minimum, context, overhead, kv, workspace, pools))
 
     _, used, pinned, slot, depth = best
     streamed = [u for u in movable if u not in pinned]
@@ -341,13 +341,13 @@ def _spread(items: list) -> list:
     return [items[i] for i in order]
 
 
-def _below_minimum(budget, minimum, context, overhead, kv, workspace) -> str:
+def _below_minimum(budget, minimum, context, overhead, kv, workspace, pools: int = 1) -> str:
     need_mib = -(-minimum.bytes // (1 << 20))
     return (
         f"a memory budget of {budget} is below this model's minimum working set of {need_mib} MiB "
         f"({minimum.bytes:,} bytes) at context {context}: runtime {overhead}, KV cache {kv}, "
-        f"workspace {workspace}, plus {MIN_WINDOW} prefetch slots (and {MIN_WINDOW} more for an MoE "
-        "model's experts) and the units too large to stream. "
+        f"workspace {workspace}, plus {pools * MIN_WINDOW} prefetch slots"
+        f"{' (half of them for the experts)' if pools > 1 else ''} and the units too large to stream. "
         f"Give --memory-budget {need_mib}MiB or more, or a shorter --ctx"
     )
 

@@ -97,15 +97,17 @@ def test_built_once_reused_and_rebuilt_when_stale(real_model, tmp_path):
     assert calls and os.stat(whole.path).st_size == size
 
 
-def test_grows_to_the_union_of_plans(real_model, tmp_path):
-    """A plan that streams units the file lacks rebuilds it with both plans' units."""
+def test_holds_every_unit_so_any_plan_reuses_it(real_model, tmp_path):
+    """Built for one plan, the file holds every unit that packs: another plan does not rewrite it."""
     src = loader.open_source(real_model("smollm2-135m"))
     us = units(src.store, src.args)
     store = src.store
     a = packed.stream_file(src.path, store, us, ["blk.0.attention"], tmp_path)
-    b = packed.stream_file(src.path, store, us, ["blk.1.ffn_up"], tmp_path)
-    assert set(a.units) == {"blk.0.attention"} and set(b.units) == {"blk.0.attention", "blk.1.ffn_up"}
-    assert packed.stream_file(src.path, store, us, ["blk.0.attention"], tmp_path).units == b.units
+    assert set(a.units) == {u.name for u in us if packed.block(u) is not None}
+    stat = os.stat(a.path)
+    b = packed.stream_file(src.path, store, us, ["blk.1.ffn_up", "blk.7.attention"], tmp_path)
+    assert b.units == a.units and os.stat(b.path).st_ino == stat.st_ino
+    assert os.stat(b.path).st_mtime_ns == stat.st_mtime_ns
 
 
 def test_unwritable_cache_is_a_typed_error(real_model, tmp_path):
