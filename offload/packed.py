@@ -190,7 +190,8 @@ def stream_file(
     have = read_index(path, store)
     if have is not None and all(have.has(by_name[n]) for n in want):
         return have
-    want = {u.name for u in units if block(u) is not None}  # once for every plan
+    # once for every plan: each unit that can stream whole (not an embedding read by rows)
+    want = {u.name for u in units if block(u) is not None and not (u.kind == "embedding" and u.per_token < 1)}
     try:
         _build(path, store, [u for u in units if u.name in want], progress)
     except OSError as e:
