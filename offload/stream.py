@@ -1,15 +1,17 @@
 """The streamer: carries out a plan's streamed units through a ring of preallocated slots.
 
-The streamed units are used in a fixed cyclic order (layer 0's attention, its FFN, ...,
-the head, then layer 0 again for the next token), so the slots form a ring buffer: item k
-of the endless sequence is unit k mod n, and it lives in slot k mod window. A background
-reader fills item k as soon as item k - window has been released, so the disk is always
-busy up to `window` units ahead of the compute, and the window wraps from the last layer
-to the first with no pause between tokens. Compute `acquire`s the unit it needs next (it
-waits only if the read is still in flight) and, in doing so, releases the previous one.
+The streamed units are used in a fixed cyclic order (a layer's attention, its FFN's gate,
+up and down, ..., the head, then the first streamed layer again for the next token), so the
+slots form a ring buffer: item k of the endless sequence is unit k mod n, and it lives in
+slot k mod window. Background readers (two, so a request is always queued) fill item k as
+soon as item k - window has been released, so the disk is always busy up to `window` units
+ahead of the compute, and the window wraps from the last layer to the first with no pause
+between tokens. Compute `acquire`s the unit it needs next (it waits only if the read is
+still in flight) and, in doing so, releases the previous one. MoE experts, whose use is
+known only once their layer has routed, go through `ExpertCache` instead.
 
-Reads are one `preadv` per merged byte range of a unit (a layer's attention block or FFN
-is one or two ranges of tens of MiB), so they are large and sequential. They bypass the
+Reads are one `preadv` per merged byte range of a unit (a layer's attention block or an FFN
+projection is one range of tens of MiB), so they are large and sequential. They bypass the
 page cache with O_DIRECT where the file system allows it, because the page cache would
 otherwise become a hidden second copy of every streamed byte, counted against a memory
 cgroup's limit, and because on the machines measured it is also the faster path (cold
