@@ -143,6 +143,16 @@ class StreamStats:
             self.bytes_read, self.units_read, self.read_seconds, self.wait_seconds, self.direct
         )
 
+    def __add__(self, other: StreamStats) -> StreamStats:
+        """Both sources' figures together (the streamer's and the expert cache's)."""
+        return StreamStats(
+            self.bytes_read + other.bytes_read,
+            self.units_read + other.units_read,
+            self.read_seconds + other.read_seconds,
+            self.wait_seconds + other.wait_seconds,
+            self.direct and other.direct,
+        )
+
     @property
     def read_bps(self) -> float:
         return self.bytes_read / self.read_seconds if self.read_seconds > 0 else 0.0
@@ -241,7 +251,113 @@ class UnitReader:
 READERS = 2  # reads in flight: the next request is queued before the current one ends
 
 
-class Streamer:
+class _SlotPool:
+    """Preallocated slots that reader threads fill from disk while compute uses others: what
+    the ring (`Streamer`) and the expert cache (`ExpertCache`) share. A subclass says which
+    read comes next (`_claim`, under the lock) and records a finished one (`_landed`); the
+    pool runs the readers, keeps the statistics and hands a reader's error to the consumer.
+
+    `stats.read_seconds` is wall time with at least one read in flight, so that with several
+    readers `stats.read_bps` is the disk's rate, not a reader's.
+    """
+
+    def __init__(self, layouts: Sequence[Layout], n_slots: int, direct: bool, readers: int, name: str):
+        self.slot_size = max(lay.size for lay in layouts)
+        self.slots = [aligned_empty(self.slot_size) for _ in range(n_slots)]
+        self.stats = StreamStats()
+        self._reader = UnitReader(layouts, direct)
+        self.stats.direct = self._reader.direct
+        self._cv = threading.Condition()
+        self._inflight = 0
+        self._busy_since = 0.0
+        self._error: BaseException | None = None
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True) for i in range(readers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def layout_of(self, name: str) -> Layout:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._reader.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()
+
+    # ---- consumer side: called with the lock held ------------------------------------
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
+        """Wait until `ready()`; False if it already was. Counts the wait in stats.
+
+        Raises:
+            FormatError, OSError: a reader failed (the file was truncated, a read failed).
+        """
+        waited = not ready() and self._error is None
+        if waited:
+            t0 = time.perf_counter()
+            while not ready() and self._error is None:
+                self._cv.wait()
+            self.stats.wait_seconds += time.perf_counter() - t0
+        if self._error is not None:
+            raise self._error
+        return waited
+
+    # ---- reader side -----------------------------------------------------------------
+
+    def _claim(self):
+        """The next read as (layout, slot, job), marked in flight; None if there is none yet."""
+        raise NotImplementedError
+
+    def _landed(self, job) -> None:
+        """The read of `job` is complete."""
+        raise NotImplementedError
+
+    def _settled(self, job) -> None:
+        """The read of `job` ended, complete or not (its slot is no longer being written)."""
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._closed and (claim := self._claim()) is None:
+                        self._cv.wait()
+                    if self._closed:
+                        return
+                    lay, slot, job = claim
+                    if self._inflight == 0:
+                        self._busy_since = time.perf_counter()
+                    self._inflight += 1
+                try:
+                    read = self._reader.fill(lay, self.slots[slot])
+                finally:
+                    with self._cv:
+                        self._settled(job)
+                        self._inflight -= 1
+                        if self._inflight == 0:
+                            self.stats.read_seconds += time.perf_counter() - self._busy_since
+                        self._cv.notify_all()
+                with self._cv:
+                    self.stats.bytes_read += read
+                    self.stats.units_read += 1
+                    self.stats.direct = self._reader.direct
+                    self._landed(job)
+                    self._cv.notify_all()
+        except BaseException as e:  # handed to the consumer, who raises it
+            with self._cv:
+                self._error = e
+                self._cv.notify_all()
+
+
+class Streamer(_SlotPool):
     """Streams `units` (in the order the forward uses them) through `window` slots.
 
     `READERS` threads fill the ring, each taking the next item whose slot is free, so the disk
@@ -267,29 +383,15 @@ class Streamer:
         self.layouts = [place(u) for u in units]
         self.index = {u.name: i for i, u in enumerate(units)}
         self.window = window
-        self.slot_size = max(lay.size for lay in self.layouts)
-        self.slots = [aligned_empty(self.slot_size) for _ in range(window)]
-        self.stats = StreamStats()
-        self._reader = UnitReader(self.layouts, direct)
-        self.stats.direct = self._reader.direct
-        self._cv = threading.Condition()
         self._next = 0  # the next item a reader takes
         self._released = 0  # items [0, released) may be overwritten
         self._ready = [-1] * window  # the item each slot holds, complete (-1: none)
         self._busy = [False] * window  # a read into the slot is in flight
-        self._inflight = 0
-        self._busy_since = 0.0
         self._held: int | None = None  # the item compute is using
-        self._error: BaseException | None = None
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=self._run, name=f"edgert-streamer-{i}", daemon=True)
-            for i in range(max(1, min(readers, window)))
-        ]
-        for t in self._threads:
-            t.start()
+        super().__init__(self.layouts, window, direct, max(1, min(readers, window)), "edgert-streamer")
 
-    # ---- consumer side ---------------------------------------------------------------
+    def layout_of(self, name: str) -> Layout:
+        return self.layouts[self.index[name]]
 
     def acquire(self, name: str) -> int:
         """Wait until unit `name` is in a slot and return the slot; the unit acquired before
@@ -309,13 +411,7 @@ class Streamer:
             self._held = None
             self._cv.notify_all()
             slot = k % self.window
-            if self._ready[slot] != k and self._error is None:
-                t0 = time.perf_counter()
-                while self._ready[slot] != k and self._error is None:
-                    self._cv.wait()
-                self.stats.wait_seconds += time.perf_counter() - t0
-            if self._error is not None:
-                raise self._error
+            self._wait(lambda: self._ready[slot] == k)
             self._held = k
         return slot
 
@@ -327,64 +423,24 @@ class Streamer:
                 self._held = None
                 self._cv.notify_all()
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout=10)
-        self._reader.close()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            self.close()
-
-    # ---- reader side -----------------------------------------------------------------
-
-    def _claim(self) -> int | None:
-        """The next item to read, if its slot is free (called with the lock held)."""
+    def _claim(self):
         k = max(self._next, self._released)  # skipped items need no read
-        if k >= self._released + self.window or self._busy[k % self.window]:
+        slot = k % self.window
+        if k >= self._released + self.window or self._busy[slot]:
             return None
-        return k
+        self._next = k + 1
+        self._busy[slot] = True
+        self._ready[slot] = -1
+        return self.layouts[k % len(self.layouts)], slot, k
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    while not self._closed and (k := self._claim()) is None:
-                        self._cv.wait()
-                    if self._closed:
-                        return
-                    self._next = k + 1
-                    slot = k % self.window
-                    self._busy[slot] = True
-                    self._ready[slot] = -1
-                    if self._inflight == 0:
-                        self._busy_since = time.perf_counter()
-                    self._inflight += 1
-                try:
-                    read = self._reader.fill(self.layouts[k % len(self.layouts)], self.slots[slot])
-                finally:
-                    with self._cv:
-                        self._busy[slot] = False
-                        self._inflight -= 1
-                        if self._inflight == 0:  # read_seconds: wall time with any read in flight
-                            self.stats.read_seconds += time.perf_counter() - self._busy_since
-                        self._cv.notify_all()
-                with self._cv:
-                    self._ready[slot] = k
-                    self.stats.bytes_read += read
-                    self.stats.units_read += 1
-                    self.stats.direct = self._reader.direct
-                    self._cv.notify_all()
-        except BaseException as e:  # handed to the consumer, who raises it
-            with self._cv:
-                self._error = e
-                self._cv.notify_all()
+    def _settled(self, k: int) -> None:
+        self._busy[k % self.window] = False
+
+    def _landed(self, k: int) -> None:
+        self._ready[k % self.window] = k
 
 
-class ExpertCache:
+class ExpertCache(_SlotPool):
     """MoE experts streamed on demand: `n_slots` slots hold the most recently used experts.
 
     An expert's use cannot be known ahead of its layer's router, so experts do not ride the
@@ -401,13 +457,7 @@ class ExpertCache:
         if n_slots < 2:
             raise ValueError(f"an expert cache needs 2 slots, not {n_slots}")
         self.layouts = {u.name: place(u) for u in units}
-        self.slot_size = max(lay.size for lay in self.layouts.values())
-        self.slots = [aligned_empty(self.slot_size) for _ in range(n_slots)]
-        self.stats = StreamStats()
         self.hits = 0
-        self._reader = UnitReader(list(self.layouts.values()), direct)
-        self.stats.direct = self._reader.direct
-        self._cv = threading.Condition()
         self._where: dict[str, int] = {}  # expert -> slot, read or being read
         self._ready: set[str] = set()
         self._owner: list[str | None] = [None] * n_slots
@@ -415,10 +465,10 @@ class ExpertCache:
         self._clock = 0
         self._queue: list[str] = []  # wanted, in order of use; consumed by get
         self._held: str | None = None
-        self._error: BaseException | None = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="edgert-experts", daemon=True)
-        self._thread.start()
+        super().__init__(list(self.layouts.values()), n_slots, direct, 1, "edgert-experts")
+
+    def layout_of(self, name: str) -> Layout:
+        return self.layouts[name]
 
     def want(self, names: Sequence[str]) -> None:
         """The experts the next `get`s will ask for, in that order (replaces any earlier list)."""
@@ -441,15 +491,8 @@ class ExpertCache:
             else:  # not announced: the wants are stale (and must not pin every slot)
                 self._queue = [name]
             self._cv.notify_all()
-            if name in self._ready:
+            if not self._wait(lambda: name in self._ready):
                 self.hits += 1
-            else:
-                t0 = time.perf_counter()
-                while name not in self._ready and self._error is None:
-                    self._cv.wait()
-                self.stats.wait_seconds += time.perf_counter() - t0
-            if self._error is not None:
-                raise self._error
             self._queue.pop(0)
             self._held = name
             slot = self._where[name]
@@ -457,20 +500,9 @@ class ExpertCache:
             self._last_use[slot] = self._clock
             return slot
 
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._thread.join(timeout=10)
-        self._reader.close()
-
-    def __del__(self):
-        if not getattr(self, "_closed", True):
-            self.close()
-
-    def _next_read(self) -> tuple[str, int] | None:
-        """The first wanted expert not in a slot, and a slot to read it into; None if nothing
-        is missing or every slot is held or still wanted. Called with the lock held."""
+    def _claim(self):
+        """The first wanted expert not in a slot, in the least recently used slot that is
+        neither held nor still wanted; None if nothing is missing or no slot is free."""
         name = next((n for n in self._queue if n not in self._where), None)
         if name is None:
             return None
@@ -487,31 +519,10 @@ class ExpertCache:
             self._ready.discard(old)
         self._owner[slot] = name
         self._where[name] = slot
-        return name, slot
+        return self.layouts[name], slot, name
 
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    job = None
-                    while not self._closed and (job := self._next_read()) is None:
-                        self._cv.wait()
-                    if self._closed:
-                        return
-                name, slot = job
-                t0 = time.perf_counter()
-                read = self._reader.fill(self.layouts[name], self.slots[slot])
-                with self._cv:
-                    self.stats.read_seconds += time.perf_counter() - t0
-                    self.stats.bytes_read += read
-                    self.stats.units_read += 1
-                    self.stats.direct = self._reader.direct
-                    self._ready.add(name)
-                    self._cv.notify_all()
-        except BaseException as e:  # handed to the consumer, who raises it
-            with self._cv:
-                self._error = e
-                self._cv.notify_all()
+    def _landed(self, name: str) -> None:
+        self._ready.add(name)
 
 
 class RowReader:

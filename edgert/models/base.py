@@ -683,15 +683,7 @@ class Transformer:
         """What the streamer and the expert cache have read so far (a StreamStats), or None
         when nothing streams."""
         parts = [s.stats for s in (self.streamer, self.expert_cache) if s is not None]
-        if not parts:
-            return None
-        total = parts[0].snapshot()
-        for p in parts[1:]:
-            total.bytes_read += p.bytes_read
-            total.units_read += p.units_read
-            total.read_seconds += p.read_seconds
-            total.wait_seconds += p.wait_seconds
-        return total
+        return sum(parts[1:], parts[0].snapshot()) if parts else None
 
     # ---- the blocks, resident or streamed ----------------------------------------------
 
@@ -715,47 +707,46 @@ class Transformer:
             self.streamer.release()
 
     def _streamed(self, name: str):
-        """Unit `name`'s weights as views of the slot the streamer read it into (built once
-        per unit and slot, then reused: nothing is allocated per token)."""
-        slot = self.streamer.acquire(name)
-        view = self._views.get((name, slot))
-        if view is None:
-            view = self._views[(name, slot)] = self._view(name, slot)
-        return view
+        """Unit `name`'s weights from the streamer's slot that holds it."""
+        return self._slot_view(self.streamer, self.streamer.acquire(name), name)
 
     def _expert(self, i: int, e: int) -> Expert:
-        """Expert e of layer i from the expert cache (views built once per expert and slot)."""
+        """Expert e of layer i from the expert cache."""
         name = f"blk.{i}.expert.{e}"
-        slot = self.expert_cache.get(name)
+        return self._slot_view(self.expert_cache, self.expert_cache.get(name), name)
+
+    def _slot_view(self, pool, slot: int, name: str):
+        """Unit `name`'s weights as views of `pool`'s slot (built once per unit and slot, then
+        reused: nothing is allocated per token)."""
         view = self._views.get((name, slot))
         if view is None:
             from edgert.offload.stream import SlotStore
 
-            c = self.expert_cache
-            store = SlotStore(self.store.refs, c.layouts[name], c.slots[slot])
-            view = self._views[(name, slot)] = load_expert(store, self.shard, i, e)
+            lay = pool.layout_of(name)
+            view = self._views[(name, slot)] = self._load_unit(
+                SlotStore(self.store.refs, lay, pool.slots[slot]), lay.unit
+            )
         return view
 
-    def _view(self, name: str, slot: int):
-        from edgert.offload.stream import SlotStore
-
-        s = self.streamer
-        store = SlotStore(self.store.refs, s.layouts[s.index[name]], s.slots[slot])
-        if not name.startswith("blk."):  # the head, or a row chunk of it
-            r0, r1 = next((r0, r1) for r0, r1, n, _ in self.head_parts if n == name)
-            return linear(store, self.head_name, rows=range(r0, r1))
-        i = int(name.split(".")[1])
-        L, R = LayerWeights(), self.layers[i]
-        if name.endswith(".attention"):
-            load_attention(L, store, self.args, self.shard, i)
+    def _load_unit(self, store: WeightStore, u):
+        """A streamed unit's weights, from the store over its slot: the Linear of a head chunk
+        or an FFN projection, an attention block or MoE router as LayerWeights, or an Expert."""
+        if u.kind in ("head", "embedding"):  # the head, or a row chunk of it
+            return linear(store, self.head_name, rows=range(*(u.rows or (0, self.args.vocab_size))))
+        i, a, R = u.layer, self.args, self.layers[u.layer]
+        if u.kind == "expert":
+            return load_expert(store, self.shard, i, u.expert)
+        L = LayerWeights()
+        if u.kind == "attention":
+            load_attention(L, store, a, self.shard, i)
             L.q_norm, L.k_norm = R.q_norm, R.k_norm
             return L
-        if self.args.n_experts:
-            load_ffn(L, store, self.args, self.shard, i)
+        if a.n_experts:  # the router
+            load_ffn(L, store, a, self.shard, i)
             L.experts = R.experts
             return L
-        part = name.rsplit("_", 1)[1]
-        load_ffn(L, store, self.args, self.shard, i, (part,))
+        part = u.name.rsplit("_", 1)[1]  # blk.{i}.ffn_{gate|up|down}
+        load_ffn(L, store, a, self.shard, i, (part,))
         return getattr(L, part)
 
     def close(self) -> None:
