@@ -143,16 +143,15 @@ def build(
     ctx = min(context or src.args.context_length, src.args.context_length)
     plan = stream = None
     if memory_budget is not None:
-        plan = make_plan(src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16), pack_stream)
+        plan = make_plan(
+            src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16), pack_stream, kw.get("shard")
+        )
         src.store.drop_cache = True  # what is packed leaves the page cache too
         if plan.packed and plan.streamed:
             from edgert.offload.packed import stream_file
-            from edgert.offload.units import units
 
-            shard = kw.get("shard")
             cache = cache_dir or hub.default_cache_dir()
-            us = units(src.store, src.args, shard)
-            stream = stream_file(src.path, src.store, us, plan.streamed, cache, progress)
+            stream = stream_file(src.path, src.store, plan.units, plan.streamed, cache, progress)
     return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, stream_file=stream, **kw)
 
 
@@ -164,8 +163,10 @@ def make_plan(
     profile: str | None = None,
     kv_bits: int = 16,
     pack_stream: bool = True,
+    shard=None,
 ):
-    """The offload plan `build` follows; `pack_stream` as there (it needs AVX512-VNNI)."""
+    """The offload plan `build` follows, for this device's `shard` of the model (None: all of
+    it); `pack_stream` as there (it needs AVX512-VNNI)."""
     from edgert.offload.memory import Memory
     from edgert.offload.plan import measured_overhead, plan_model
     from edgert.offload.profile import default_profile
@@ -184,6 +185,7 @@ def make_plan(
         prof,
         max_tokens=max_tokens,
         kv_bits=kv_bits,
+        shard=shard,
         overhead=measured_overhead(),
         packed=pack_stream and HAVE_VNNI,
     )

@@ -44,7 +44,7 @@ Decisions, and why:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 from edgert.offload import packed as packed_file
 from edgert.offload.memory import ZERO, Memory
@@ -109,6 +109,7 @@ class Plan:
     bottleneck: str  # "disk" | "memory" | "compute"
     seconds: dict  # {"disk": s, "memory": s, "compute": s}
     packed: bool = False  # slots sized for the packed stream file's blocks (edgert.offload.packed)
+    units: tuple[Unit, ...] = field(default=(), repr=False, compare=False)  # what it was made from
 
     @property
     def tokens_per_second(self) -> float:
@@ -120,10 +121,11 @@ class Plan:
         return self.slot * (self.window + self.expert_slots)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The plan as JSON-ready values (byte counts as ints), without its units."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "units"}
         for k, v in d.items():
-            if isinstance(v, dict) and set(v) == {"bytes"}:
-                d[k] = v["bytes"]
+            if isinstance(v, Memory):
+                d[k] = v.bytes
             elif isinstance(v, tuple):
                 d[k] = list(v)
         d["tokens_per_second"] = self.tokens_per_second
@@ -282,6 +284,7 @@ def plan(
         bottleneck=bottleneck,
         seconds=seconds,
         packed=packed,
+        units=tuple(units),
     )
 
 

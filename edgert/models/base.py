@@ -602,9 +602,7 @@ class Transformer:
         self.head_parts = [(0, a.vocab_size, "embedding" if tied else "head", None)]
         by_name = {}  # the plan's units, by name
         if plan is not None:
-            from edgert.offload.units import units
-
-            by_name = {u.name: u for u in units(store, a, self.shard)}
+            by_name = {u.name: u for u in plan.units}
             kind = "embedding" if tied else "head"
             self.head_parts = [
                 (*(u.rows or (0, a.vocab_size)), u.name, None) for u in by_name.values() if u.kind == kind
