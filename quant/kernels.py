@@ -731,15 +731,15 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
         if s.derived != (qt == QType.Q6_K):
             _pk.pair_sums(s.bsums, T, K, int(qt), s.bsp)
             s.derived = qt == QType.Q6_K
-        _pk._mm_k(out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd_flat, s.bsp_flat, s.accs)
     else:
         off = _pk.Q32_OFFSET[qt]
         if off and s.derived != off:
             _pk.block_sums(s.xq, T, K, off, s.xsum)
             s.derived = off
-        _pk._mm_q32(
-            out, packed, N, K, T, int(qt), s.xq_flat, s.max_k, s.xd_flat, s.xs_flat, s.xsum_flat, s.accs
-        )
+    (_pk._mm_k if kind == 2 else _pk._mm_q32)(
+        out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
+        s.xsum_flat, s.bsp_flat, s.accs,
+    )  # fmt: skip
 
 
 def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:

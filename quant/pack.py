@@ -611,8 +611,25 @@ def _store_out(out, acc, g, N, t0, tc):
 
 
 @njit(inline="always")
-def _q32_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
-    if nt == NT32:
+def _tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
+    """One record block of 16 rows against nt tokens (NT / NT32, or 1), for any packed type:
+    blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si; the
+    K-quants take xd at si and the int16 sum pairs bsp at pi."""
+    if qt == 12 or qt == 13 or qt == 14:
+        if nt == NT:
+            if qt == 12:
+                _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+            elif qt == 13:
+                _T5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+            else:
+                _T6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif qt == 12:
+            _t4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif qt == 13:
+            _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        else:
+            _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif nt == NT32:
         if qt == 2:
             _T4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
         elif qt == 3:
@@ -635,99 +652,65 @@ def _q32_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
         _t8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def _mm_q32(out, w, N, K, T, qt, xq, xk, xd, xs, xsum, accs):
-    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32); xq is the flat int8 activations, row stride xk;
-    xd, xs, xsum are the flat [rows, ss] per-block scales, Q8_1 sums and integer sums."""
-    nb = K // 32
-    ss = xk // 32 + 1
-    rec = 288 if qt == 2 else 320 if qt == 3 else 352 if qt == 6 else 384 if qt == 7 else 544
-    for g in prange((N + 15) // 16):
-        acc = accs[numba.get_thread_id()]
-        for t0 in range(0, T, TC):
-            tc = min(TC, T - t0)
-            acc[: 16 * tc] = 0
-            for b in range(nb):
-                o = (g * nb + b) * rec
-                for t in range(0, tc - NT32 + 1, NT32):
-                    u = t0 + t
-                    _q32_tile(
-                        qt, NT32, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss
-                    )
-                for t in range(tc - tc % NT32, tc):
-                    u = t0 + t
-                    _q32_tile(qt, 1, w, o, xq, u * xk + 32 * b, xk, acc, 16 * t, xd, xs, xsum, u * ss + b, ss)
-            _store_out(out, acc, g, N, t0, tc)
+@njit(inline="always")
+def _tiles(qt, nt, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp):
+    """Tokens t_lo..t_hi of a chunk starting at t0, nt at a time, against block b's records."""
+    for t in range(t_lo, t_hi, nt):
+        u = t0 + t
+        _tile(
+            qt,
+            nt,
+            w,
+            o,
+            xq,
+            u * xk + bs * b,
+            xk,
+            acc,
+            16 * t,
+            xd,
+            xs,
+            xsum,
+            u * ss + b,
+            ss,
+            bsp,
+            u * ss + 8 * b,
+        )
 
 
 @njit(inline="always")
-def _k_tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
-    if nt == NT:
-        if qt == 12:
-            _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-        elif qt == 13:
-            _T5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-        else:
-            _T6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-    elif qt == 12:
-        _t4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-    elif qt == 13:
-        _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-    else:
-        _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def _mm_k(out, w, N, K, T, qt, xq, xk, xd, bsp, accs):
-    """Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations; xd and bsp (from `pair_sums`) are flat
-    [rows, xk // 32 + 1]."""
-    nb = K // QK_K
+def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq):
+    """out[T, N] over packed records (`rec` bytes per group and block); kq: a K-quant type
+    (a literal at each entry point below, so each is compiled with its own tiles only).
+    xq is the flat int8 activations, row stride xk; xd, xs, xsum and bsp (`block_sums`,
+    `pair_sums`) are flat [rows, xk // 32 + 1]. Each 16-row group goes to one thread, which
+    runs the tokens in chunks of TC through register tiles of NT (K-quants) or NT32 tokens."""
+    bs = QK_K if kq else 32
+    nt = NT if kq else NT32
+    nb = K // bs
     ss = xk // 32 + 1
-    rec = 2368 if qt == 12 else 2880 if qt == 13 else 3360
     for g in prange((N + 15) // 16):
         acc = accs[numba.get_thread_id()]
         for t0 in range(0, T, TC):
             tc = min(TC, T - t0)
             acc[: 16 * tc] = 0
+            full = tc - tc % nt
             for b in range(nb):
                 o = (g * nb + b) * rec
-                for t in range(0, tc - NT + 1, NT):
-                    u = t0 + t
-                    _k_tile(
-                        qt,
-                        NT,
-                        w,
-                        o,
-                        xq,
-                        u * xk + QK_K * b,
-                        xk,
-                        acc,
-                        16 * t,
-                        xd,
-                        u * ss + b,
-                        ss,
-                        bsp,
-                        u * ss + 8 * b,
-                    )
-                for t in range(tc - tc % NT, tc):
-                    u = t0 + t
-                    _k_tile(
-                        qt,
-                        1,
-                        w,
-                        o,
-                        xq,
-                        u * xk + QK_K * b,
-                        xk,
-                        acc,
-                        16 * t,
-                        xd,
-                        u * ss + b,
-                        ss,
-                        bsp,
-                        u * ss + 8 * b,
-                    )
+                _tiles(qt, nt, 0, full, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
+                _tiles(qt, 1, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
             _store_out(out, acc, g, N, t0, tc)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_q32(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
+    """`_mm` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32)."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_k(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
+    """`_mm` for Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True)
 
 
 @njit(cache=True, nogil=True)
