@@ -622,7 +622,12 @@ class Transformer:
                 for r0, r1, n, _ in self.head_parts
             ]
         self.layers = [self.load_layer(store, i, resident) for i in range(a.n_layers)]
-        self._ffns = [StreamedFFN(self, i) for i in range(a.n_layers)]
+        # a dense layer's FFN as the forward takes it: the layer itself when all three of its
+        # projections are resident, else a StreamedFFN that acquires the others as they are used
+        self._ffns = [
+            L if None not in (L.gate, L.up, L.down) else StreamedFFN(self, i)
+            for i, L in enumerate(self.layers)
+        ]
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
@@ -693,7 +698,7 @@ class Transformer:
         L = self.layers[i]
         if self.args.n_experts:
             return L if L.router is not None else self._streamed(f"blk.{i}.ffn")
-        return L if L.down is not None and L.gate is not None and L.up is not None else self._ffns[i]
+        return self._ffns[i]
 
     def head(self):
         """The output matrix's row pieces, (first row, last row, Linear), streamed ones as they
