@@ -52,6 +52,7 @@ from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
+from edgert.quant.kv_kernels import AttentionScratch
 
 from edgert.errors import BudgetError
 from edgert.models.base import ModelArgs, Shard
@@ -173,6 +174,7 @@ def workspace_bytes(
     n += T * max_k + 2 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
     n += threads * max_k * f4  # per-thread decoded rows
     n += T * hq * context * f4  # attention scores, one row per (token, head)
+    n += AttentionScratch.nbytes(hq, hkv, a.head_dim)
     rope_sets = 2 if a.sliding_window or a.sliding_layers else 1
     n += rope_sets * 2 * context * (a.n_rot // 2) * f4  # cos, sin
     return n

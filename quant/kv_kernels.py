@@ -22,10 +22,12 @@ import math
 
 import numba as nb
 import numpy as np
-from edgert.quant.kernels import _f32_as_u32, _round_f16
+from edgert.quant.kernels import _f32_as_u32, _round_f16, _u32_as_f32
 from numba import prange
 
-from edgert.kernels import F16_TABLE, _add_value, _score_key
+from edgert.kernels import F16_TABLE
+
+_FAST = {"reassoc", "nsz", "contract"}
 
 # ---- quantization ----------------------------------------------------------------------
 
@@ -89,14 +91,13 @@ def quantize_rows(codes, scale, minv, x, pos, bits, cg, table):
 
 
 @nb.njit(cache=True)
-def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, nq, G, cg, sink, table):
-    """Quantize the G oldest residual positions (fp16 bits res_k/res_v [H, >=G, D]) as positions
-    nq..nq+G-1: keys 4-bit per channel over the G positions, values 4-bit per token. Positions
-    below `sink` (kept in fp16 elsewhere) are left out of the key ranges."""
+def flush_keys(k_codes, k_scale, k_min, res_k, nq, G, sink, table):
+    """Quantize the G oldest residual keys (fp16 bits res_k [H, >=G, D]) as positions nq..nq+G-1,
+    4-bit per channel over the G positions. Positions below `sink` (kept in fp16 elsewhere) are
+    left out of the ranges."""
     H, _, D = res_k.shape
     g = nq // G
     t0 = max(0, sink - nq)
-    row = np.empty(D, np.float32)
     for h in range(H):
         for t in range(G):
             for i in range(D // 2):
@@ -115,43 +116,57 @@ def flush_group(k_codes, k_scale, k_min, v_codes, v_scale, v_min, res_k, res_v, 
             byte, shift = d % (D // 2), 4 * (d // (D // 2))
             for t in range(G):
                 k_codes[h, nq + t, byte] |= _code(table[res_k[h, t, d]], s, m, 15) << shift
-        for t in range(G):
-            for d in range(D):
-                row[d] = table[res_v[h, t, d]]
-            _quantize_row(v_codes[h, nq + t], v_scale[h, nq + t], v_min[h, nq + t], row, 4, cg, table)
 
 
 # ---- dequantization of one row ---------------------------------------------------------
+# Rows are built in contiguous sweeps over 1-D views (codes to floats, then one multiply-add),
+# which LLVM turns into SIMD; indexing the 3-D stores inside these loops kept them scalar.
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", fastmath=_FAST)
+def _nibbles(row, codes):
+    """row[:] = the 4-bit codes of one position, as floats (low nibbles, then high ones)."""
+    half = row.shape[0] // 2
+    for i in range(half):
+        row[i] = np.float32(codes[i] & 15)
+    for i in range(half):
+        row[half + i] = np.float32(codes[i] >> 4)
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _bytes(row, codes):
+    for i in range(row.shape[0]):
+        row[i] = np.float32(codes[i])
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _affine(row, s, m):
+    for d in range(row.shape[0]):
+        row[d] = row[d] * s + m
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _affine_channels(row, s, m):
+    for d in range(row.shape[0]):
+        row[d] = row[d] * s[d] + m[d]
+
+
+@nb.njit(inline="always", fastmath=_FAST)
 def _token_row(row, codes, scale, minv, bits, cg, table):
     """row[:] = one position of a per-token store (codes [D*bits/8], scale/min [D/cg])."""
     if bits == 8:
-        for g in range(row.shape[0] // cg):
-            s, m = table[scale[g]], table[minv[g]]
-            for d in range(g * cg, (g + 1) * cg):
-                row[d] = np.float32(codes[d]) * s + m
-        return
-    half = row.shape[0] // 2
-    seg = math.gcd(cg, half)  # a run of bytes whose low and whose high nibbles each share a group
-    for i0 in range(0, half, seg):
-        s, m = table[scale[i0 // cg]], table[minv[i0 // cg]]
-        s2, m2 = table[scale[(i0 + half) // cg]], table[minv[(i0 + half) // cg]]
-        for i in range(i0, i0 + seg):
-            b = codes[i]
-            row[i] = np.float32(b & 15) * s + m
-            row[i + half] = np.float32(b >> 4) * s2 + m2
+        _bytes(row, codes)
+    else:
+        _nibbles(row, codes)
+    for g in range(row.shape[0] // cg):
+        _affine(row[g * cg : (g + 1) * cg], table[scale[g]], table[minv[g]])
 
 
-@nb.njit(inline="always")
+@nb.njit(inline="always", fastmath=_FAST)
 def _channel_row(row, codes, ks, km):
     """row[:] = one position of a 4-bit per-channel store, its group's scales ks/km as float32."""
-    half = row.shape[0] // 2
-    for i in range(half):
-        b = codes[i]
-        row[i] = np.float32(b & 15) * ks[i] + km[i]
-        row[i + half] = np.float32(b >> 4) * ks[i + half] + km[i + half]
+    _nibbles(row, codes)
+    _affine_channels(row, ks, km)
 
 
 @nb.njit(inline="always")
@@ -159,6 +174,12 @@ def _load_scales(ks, km, scale, minv, table):
     for d in range(ks.shape[0]):
         ks[d] = table[scale[d]]
         km[d] = table[minv[d]]
+
+
+@nb.njit(inline="always")
+def _fp16_row(row, r, table):
+    for d in range(row.shape[0]):
+        row[d] = table[r[d]]
 
 
 @nb.njit(cache=True)
@@ -180,11 +201,61 @@ def dequantize(out_k, out_v, k_codes, k_scale, k_min, v_codes, v_scale, v_min, b
 
 # ---- attention -------------------------------------------------------------------------
 
+CHUNKS = 8  # at most this many position chunks per (kv head, token block): split-K
+SPLIT_TOKENS = 4  # positions are split only for at most this many query tokens (decoding)
+MIN_CHUNK = 256  # and only into chunks of at least this many positions
 
-@nb.njit(inline="always")
-def _fp16_row(row, r, table):
-    for d in range(row.shape[0]):
-        row[d] = table[r[d]]
+
+class AttentionScratch:
+    """Buffers of `attention_q`, allocated once per model (`Workspace`) for n_heads query heads:
+    per-chunk partial outputs and softmax statistics, and each work item's row buffers."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+        self.part = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32)
+        self.stats = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float32)  # sum, max
+        self.rows = np.zeros((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32)
+
+    @staticmethod
+    def nbytes(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+        return 4 * CHUNKS * (SPLIT_TOKENS * n_heads * (head_dim + 2) + max(8, n_kv_heads) * 3 * head_dim)
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _exp(x):
+    """e^x for x <= 0 (softmax), within 2 ulp of math.exp (`exp_ref` test); branch-free, so that
+    the softmax loop vectorizes (math.exp is a call per element). Below -87 it returns ~1e-38."""
+    x = max(x, np.float32(-87.0))
+    n = math.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = (x - n * np.float32(0.693145751953125)) - n * np.float32(1.428606765330187e-06)
+    p = np.float32(1.0 / 5040)
+    p = p * r + np.float32(1.0 / 720)
+    p = p * r + np.float32(1.0 / 120)
+    p = p * r + np.float32(1.0 / 24)
+    p = p * r + np.float32(1.0 / 6)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    return p * _u32_as_f32(np.uint32((np.int32(n) + 127) << 23))
+
+
+@nb.njit(cache=True)
+def exp_ref(x, out):  # test hook for _exp
+    for i in range(x.shape[0]):
+        out[i] = _exp(x[i])
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _dot(a, b):
+    acc = np.float32(0.0)
+    for d in range(b.shape[0]):
+        acc += a[d] * b[d]
+    return acc
+
+
+@nb.njit(inline="always", fastmath=_FAST)
+def _axpy(o, w, b):
+    for d in range(b.shape[0]):
+        o[d] += w * b[d]
 
 
 @nb.njit(inline="always")
@@ -206,80 +277,137 @@ def _key(row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_
 
 
 @nb.njit(inline="always")
-def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table):
+def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, sink_v, recent_v, v_from, table):
     if j < sink_v.shape[1]:
         _fp16_row(row, sink_v[kv, j], table)
-    elif j >= nq:
-        _fp16_row(row, res_v[kv, j - nq], table)
+    elif j >= v_from:
+        _fp16_row(row, recent_v[kv, j % recent_v.shape[1]], table)
     else:
         _token_row(row, v_codes[kv, j], v_scale[kv, j], v_min[kv, j], bits, cg, table)
 
 
-@nb.njit(cache=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
+@nb.njit(inline="always")
+def _ceil_to(x, n):
+    return (x + n - 1) // n * n
+
+
+@nb.njit(inline="always")
+def _span(p, window, c0, c1):
+    """The positions of chunk c0..c1 that the query at position p sees."""
+    lo = c0 if window <= 0 else max(c0, p - window + 1)
+    return lo, min(c1, p + 1)
+
+
+@nb.njit(cache=True, parallel=True, fastmath=_FAST)
 def attention_q(
-    out, q, pos0, scale, window, softcap, scores, k_codes, k_scale, k_min, v_codes, v_scale, v_min,
-    bits, G, cg, nq, res_k, res_v, sink_k, sink_v, table,
+    out, q, pos0, scale, window, softcap, scores, part, stats, rows, threads, k_codes, k_scale,
+    k_min, v_codes, v_scale, v_min, bits, G, cg, nq, res_k, sink_k, sink_v, recent_v, v_from, table,
 ):  # fmt: skip
     """Causal attention of q[T, Hq, D] (positions pos0..) over a quantized cache.
 
     Positions < nq are read from the quantized store (4-bit: keys per channel in groups of G
-    positions, values per token; 8-bit: both per token), positions >= nq from the fp16
-    residual res_k/res_v [H, R, D], and positions below sink_k.shape[1] from the fp16 sink_k,
-    sink_v [H, n_sink, D] (all fp16 as uint16 bits). Work items, windowing and the three passes
-    (scores, softmax, weighted values) are those of `edgert.kernels.attention_f16`, in float32
-    without its fp16 roundings. scores: float32 scratch [>= T * Hq, S].
+    positions, values per token; 8-bit: both per token), keys at positions >= nq from the fp16
+    residual res_k [H, R, D], values at positions >= v_from from the fp16 ring recent_v
+    [H, RV, D] (position j at j % RV), and positions below sink_k.shape[1] from the fp16 sink_k,
+    sink_v [H, n_sink, D] (all fp16 as uint16 bits). Each K or V row is dequantized once per work item,
+    in float32, and used by every query head of its group and every token of the item.
+
+    Work items are (kv head, block of query tokens, chunk of positions). With few tokens (a
+    decoding step) there would be only as many items as KV heads (one, on gemma3), so the
+    positions are split into chunks (split-K, as flash-decoding): each item's softmax is
+    relative to its own maximum, its unnormalized output and statistics go to part/stats
+    (`AttentionScratch`), and a final pass merges the chunks. scores: float32 scratch
+    [>= T * Hq, S]. threads: numba's thread count.
     """
     T, Hq, D = q.shape
     Hkv = k_codes.shape[0]
     group = Hq // Hkv
     n_blocks = min(T, max(1, 8 // Hkv))
     per = (T + n_blocks - 1) // n_blocks
-    for item in prange(Hkv * n_blocks):
-        kv, b = item // n_blocks, item % n_blocks
+    span = pos0 + T if window <= 0 else min(pos0 + T, window + T - 1)
+    n_chunks = 1
+    if T <= part.shape[1]:
+        want = -(-4 * threads // (Hkv * n_blocks))  # items enough to balance the threads
+        n_chunks = max(1, min(part.shape[0], want, span // MIN_CHUNK, rows.shape[0] // (Hkv * n_blocks)))
+    for item in prange(Hkv * n_blocks * n_chunks):
+        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
+        b, c = rest // n_chunks, rest % n_chunks
         t0, t1 = b * per, min(T, (b + 1) * per)
-        if t0 >= t1:
-            continue
         lo_all = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
-        hi_all = pos0 + t1
-        row = np.empty(D, np.float32)
-        ks = np.empty(D, np.float32)
-        km = np.empty(D, np.float32)
+        hi_all = pos0 + t1 if t0 < t1 else lo_all
+        step = _ceil_to(_ceil_to(hi_all - lo_all, n_chunks) // n_chunks, 64)  # whole key groups
+        c0 = min(hi_all, lo_all + c * step)
+        c1 = min(hi_all, c0 + step)
+        row, ks, km = rows[item, 0], rows[item, 1], rows[item, 2]
         cur = -1
-        for j in range(lo_all, hi_all):
+        for j in range(c0, c1):
             cur = _key(
                 row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table
             )
-            _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
+            for t in range(t0, t1):
+                if j <= pos0 + t and (window <= 0 or j > pos0 + t - window):
+                    for h in range(kv * group, (kv + 1) * group):
+                        x = _dot(q[t, h], row) * np.float32(scale)
+                        if softcap > 0.0:
+                            x = np.float32(softcap * math.tanh(x / softcap))
+                        scores[t * Hq + h, j] = x
+        dst = out if n_chunks == 1 else part[c]
         for t in range(t0, t1):
-            p = pos0 + t
-            lo = 0 if window <= 0 else max(0, p - window + 1)
+            lo, hi = _span(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
                 s = scores[t * Hq + h]
                 m = np.float32(-np.inf)
-                for j in range(lo, p + 1):
+                for j in range(lo, hi):
                     m = max(m, s[j])
                 total = np.float32(0.0)
-                for j in range(lo, p + 1):
-                    e = np.float32(math.exp(s[j] - m))
+                for j in range(lo, hi):
+                    e = _exp(s[j] - m)
                     s[j] = e
                     total += e
-                inv = np.float32(1.0) / total
-                for j in range(lo, p + 1):
-                    s[j] *= inv
+                if n_chunks == 1:
+                    inv = np.float32(1.0) / total
+                    for j in range(lo, hi):
+                        s[j] *= inv
+                else:
+                    stats[c, t, h, 0] = total
+                    stats[c, t, h, 1] = m
+                o = dst[t, h]
+                for d in range(D):
+                    o[d] = 0.0
+        for j in range(c0, c1):
+            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, sink_v, recent_v, v_from, table)
+            for t in range(t0, t1):
+                if j <= pos0 + t and (window <= 0 or j > pos0 + t - window):
+                    for h in range(kv * group, (kv + 1) * group):
+                        _axpy(dst[t, h], scores[t * Hq + h, j], row)
+    if n_chunks > 1:  # merge the chunks: rescale each to the overall maximum
+        for t in range(T):
+            for h in range(Hq):
+                m = np.float32(-np.inf)
+                for c in range(n_chunks):
+                    if stats[c, t, h, 0] > 0:
+                        m = max(m, stats[c, t, h, 1])
                 o = out[t, h]
                 for d in range(D):
                     o[d] = 0.0
-        for j in range(lo_all, hi_all):
-            _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, nq, res_v, sink_v, table)
-            _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window)
+                total = np.float32(0.0)
+                for c in range(n_chunks):
+                    if stats[c, t, h, 0] > 0:
+                        f = _exp(stats[c, t, h, 1] - m)
+                        total += f * stats[c, t, h, 0]
+                        _axpy(o, f, part[c, t, h])
+                inv = np.float32(1.0) / total
+                for d in range(D):
+                    o[d] *= inv
 
 
-def attend(out, q, pos0, scale, window, softcap, scores, c) -> None:
+def attend(out, q, pos0, scale, window, softcap, scores, scratch, c) -> None:
     """attention_q over QuantKVCache c (which holds positions < pos0 + T)."""
     attention_q(
-        out, q, pos0, scale, window, softcap, scores, c.k_codes, c.k_scale, c.k_min, c.v_codes,
-        c.v_scale, c.v_min, c.bits, c.group, c.channel_group, c.n_quant, c.res_k_bits, c.res_v_bits,
-        c.sink_k_bits, c.sink_v_bits, F16_TABLE,
+        out, q, pos0, scale, window, softcap, scores, scratch.part, scratch.stats, scratch.rows,
+        nb.get_num_threads(), c.k_codes, c.k_scale, c.k_min, c.v_codes, c.v_scale, c.v_min, c.bits,
+        c.group, c.channel_group, c.n_quant, c.res_k_bits, c.sink_k_bits, c.sink_v_bits,
+        c.recent_v_bits, c.recent_from, F16_TABLE,
     )  # fmt: skip
 
 
@@ -298,19 +426,22 @@ def quantize_ref(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(c, 0, levels) * s + m
 
 
-def cache_ref(k, v, bits, G, cg, nq, sink):
+def cache_ref(k, v, bits, G, cg, nq, sink, recent):
     """What a cache holding k, v [H, N, D] (float32, as written) returns for each position:
-    positions < nq quantized as `bits` says, the rest rounded to fp16 (4-bit) or quantized (8-bit);
-    4-bit: the first `sink` positions stay in fp16, and are left out of their group's key ranges."""
+    8-bit: keys and values quantized per token. 4-bit: values quantized per token; keys at
+    positions < nq quantized per channel in groups of G positions, the rest rounded to fp16; the
+    first `sink` positions stay in fp16, and are left out of their group's key ranges, and so do
+    the values of the last `recent` positions."""
     H, N, D = k.shape
     if bits == 8:
         return (quantize_ref(x.reshape(H, N, D // cg, cg), 8).reshape(H, N, D) for x in (k, v))
     k16, v16 = (x.astype(np.float16).astype(np.float32) for x in (k, v))
-    kq, vq = k16.copy(), v16.copy()
+    kq = k16.copy()
     kr = k16[:, :nq].copy()
     kr[:, :sink] = kr[:, sink : sink + 1]  # a stand-in inside the range: the sink does not widen it
     by_channel = kr.reshape(H, nq // G, G, D).transpose(0, 1, 3, 2)
     kq[:, :nq] = quantize_ref(by_channel, 4).transpose(0, 1, 3, 2).reshape(H, nq, D)
-    vq[:, :nq] = quantize_ref(v16[:, :nq].reshape(H, nq, D // cg, cg), 4).reshape(H, nq, D)
+    vq = quantize_ref(v.reshape(H, N, D // cg, cg), 4).reshape(H, N, D)
     kq[:, :sink], vq[:, :sink] = k16[:, :sink], v16[:, :sink]
+    vq[:, N - min(N, recent) :] = v16[:, N - min(N, recent) :]
     return kq, vq

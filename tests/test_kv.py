@@ -50,8 +50,8 @@ def _held(cache):
     """Everything the cache holds, dequantized, as [H, offset, D] float32."""
     qk, qv = cache.dequantize(0, cache.n_quant)
     r = cache.offset - cache.n_quant
-    rk, rv = (x[:, :r].astype(np.float32) for x in (cache.res_k, cache.res_v))
-    return np.concatenate([qk, rk], 1), np.concatenate([qv, rv], 1)
+    rk = cache.res_k[:, :r].astype(np.float32)
+    return np.concatenate([qk, rk], 1), cache.dequantize(0, cache.offset)[1]
 
 
 @pytest.mark.parametrize("bits,d", [(8, 64), (4, 64), (4, 96)])  # 96: nibble runs of gcd(32, 48)
@@ -63,7 +63,7 @@ def test_store_matches_reference(bits, d):
     n = sum(chunks)
     assert c.offset == n
     assert c.n_quant == (n if bits == 8 else max(0, n - KV.SLACK) // KV.GROUP * KV.GROUP)
-    want_k, want_v = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink)
+    want_k, want_v = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink, KV.RECENT)
     got_k, got_v = _held(c)
     # the codes match exactly; fma in the dequantization differs from numpy by float rounding
     np.testing.assert_allclose(got_k, want_k, rtol=1e-6, atol=1e-6)
@@ -73,20 +73,42 @@ def test_store_matches_reference(bits, d):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (50, 0.0), (0, 20.0)])
-def test_attention_matches_reference(bits, window, softcap):
-    Hq, T, n0 = 6, 5, 180
-    c = KV.QuantKVCache(H, D, 256, bits)
-    k0, v0 = _kv(n0)
-    k1, v1 = _kv(T)
+@pytest.mark.parametrize(
+    "h,T,n0,window,softcap",
+    [
+        (H, 5, 180, 0, 0.0),
+        (H, 5, 180, 50, 0.0),
+        (H, 5, 180, 0, 20.0),
+        (H, 1, 1500, 0, 0.0),  # one token over a long cache: positions split into chunks
+        (1, 1, 1500, 0, 0.0),  # ... on one KV head
+        (1, 3, 1500, 700, 0.0),  # ... a sliding window
+        (H, 1, 1500, 0, 20.0),
+    ],
+)
+def test_attention_matches_reference(bits, h, T, n0, window, softcap):
+    Hq = 3 * h
+    c = KV.QuantKVCache(h, D, n0 + T, bits)
+    k0, v0 = _kv(n0, h)
+    k1, v1 = _kv(T, h)
     k, v = _written(c, [k0, k1], [v0, v1])
     q = rng.standard_normal((T, Hq, D)).astype(np.float32)
     out = np.empty_like(q)
-    scores = np.zeros((T * Hq, 256), np.float32)
-    c.attend(out, q, n0, 0.125, window, softcap, scores)
-    kq, vq = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink)
+    scores = np.zeros((T * Hq, n0 + T), np.float32)
+    c.attend(out, q, n0, 0.125, window, softcap, scores, KQ.AttentionScratch(Hq, h, D))
+    kq, vq = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink, KV.RECENT)
     ref = K.attention_ref(q, kq, vq, n0, 0.125, window, softcap)
     np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_exp_matches_numpy():
+    x = np.concatenate([-np.geomspace(1e-8, 87, 20000), [0.0, -0.0, -1e-30]]).astype(np.float32)
+    got = np.empty_like(x)
+    KQ.exp_ref(x, got)
+    want = np.exp(x.astype(np.float64))
+    assert np.abs(got / want - 1).max() < 5e-7
+    got = np.empty(3, np.float32)
+    KQ.exp_ref(np.array([-88.0, -200.0, -np.inf], np.float32), got)
+    assert (got >= 0).all() and (got < 1e-37).all()  # below the clamp: tiny, never negative or nan
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -130,7 +152,7 @@ def test_bytes():
     c = KV.QuantKVCache(h, d, n, 4)
     c.update(*_kv(n, h, d), 0)
     assert c.nbytes == KV.cache_bytes(4, 1, h, d, n)
-    assert c.nbytes < 0.32 * n * fp16  # the fp16 residual included
+    assert c.nbytes < 0.3 * n * fp16  # the fp16 key residual and sink included
     with pytest.raises(OptionError, match="16, 8, 4"):
         KV.check_kv_bits(3)
 
@@ -172,7 +194,9 @@ def test_quantized_caches_in_a_model(gemma_tiny):
     for bits, tol in ((8, 0.02), (4, 0.3)):
         got = logits(model.make_cache(bits))
         assert np.abs(got - ref).mean() < tol * np.abs(ref).mean(), bits
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() > (0.94 if bits == 8 else 0.85)
+        # 4-bit: measured 0.84. Random weights give values without structure, and all but the
+        # newest 32 of these 200 positions hold 4-bit values (real models: edgert perplexity)
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() > (0.94 if bits == 8 else 0.8)
 
 
 def test_plan_counts_the_quantized_cache():

@@ -20,6 +20,7 @@ from edgert.cache import KVCache
 from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.offload.stream import RowReader
+from edgert.quant import kv_kernels as KQ
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
 from edgert.quant.kv import QuantKVCache, check_kv_bits
@@ -251,6 +252,7 @@ class Workspace:
             self.order = np.zeros(T * a.n_experts_used, np.int64)
         self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
         self.scores = np.zeros((T * hq, context), f32)  # attention_f16: one row per (token, head)
+        self.attn = KQ.AttentionScratch(hq, hkv, a.head_dim)  # the quantized caches' attention
 
 
 def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarray | None = None):
@@ -298,7 +300,7 @@ def attention_block(
     att = ws.att[:T].reshape(T, -1, hd)  # (T, Hq, D)
     if isinstance(cache, QuantKVCache):  # 8/4-bit: attention reads the codes directly
         cache.update(k3, v.reshape(T, -1, hd), pos)
-        cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores)
+        cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores, ws.attn)
     else:
         keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
         if keys.dtype == np.float16:
