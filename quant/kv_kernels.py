@@ -298,7 +298,7 @@ def _span(p, window, c0, c1):
     return lo, min(c1, p + 1)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=_FAST)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
 def attention_q(
     out, q, pos0, scale, window, softcap, scores, part, stats, rows, threads, k_codes, k_scale,
     k_min, v_codes, v_scale, v_min, bits, G, cg, nq, res_k, sink_k, sink_v, recent_v, v_from, table,
