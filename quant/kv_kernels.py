@@ -14,6 +14,7 @@ Layouts, per layer ([kv heads, positions, ...]):
 
 The attention kernel reads these directly: each K or V row is dequantized once into a D-float
 buffer and dotted with every query head of its group, so no full-precision copy ever exists.
+A decoding step splits the positions across threads (split-K); see `attention_q`.
 """
 
 from __future__ import annotations
