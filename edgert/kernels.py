@@ -123,6 +123,57 @@ def _sees(p, j, window):
     return j <= p and (window <= 0 or j > p - window)
 
 
+# ---- split-K: one decoding step's positions spread over the threads -----------------------
+
+CHUNKS = 8  # at most this many position chunks per (kv head, token block)
+SPLIT_TOKENS = 4  # positions are split only for at most this many query tokens (decoding)
+MIN_CHUNK = 256  # and only into chunks of at least this many positions
+
+
+class AttentionScratch:
+    """Buffers of split-K attention (`attention_f16`, `kv_kernels.attention_q`), allocated once
+    per model (`Workspace`) for n_heads query heads: per-chunk partial outputs and softmax
+    statistics, and each work item's row buffers."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
+        self.part = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32)
+        self.stats = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float64)  # sum, max
+        self.rows = np.zeros((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32)
+
+    @staticmethod
+    def nbytes(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+        return 4 * CHUNKS * (SPLIT_TOKENS * n_heads * (head_dim + 4) + max(8, n_kv_heads) * 3 * head_dim)
+
+
+@nb.njit(inline="always")
+def split_count(T, items, pos0, window, part, rows, threads):
+    """Into how many chunks to split the positions of each of `items` (kv head, token block)
+    work items: enough for ~4 items per thread, when the tokens are few (part holds them)
+    and each chunk keeps MIN_CHUNK positions; else 1."""
+    if T > part.shape[1]:
+        return 1
+    span = pos0 + T if window <= 0 else min(pos0 + T, window + T - 1)
+    want = (4 * threads + items - 1) // items
+    return max(1, min(part.shape[0], want, span // MIN_CHUNK, rows.shape[0] // items))
+
+
+@nb.njit(inline="always")
+def chunk_range(pos0, t0, t1, window, n_chunks, c):
+    """Chunk c of the positions that query tokens t0..t1-1 see, cut at whole groups of 64."""
+    lo = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
+    hi = pos0 + t1 if t0 < t1 else lo
+    step = ((hi - lo + n_chunks - 1) // n_chunks + 63) // 64 * 64
+    c0 = min(hi, lo + c * step)
+    return c0, min(hi, c0 + step)
+
+
+@nb.njit(inline="always")
+def visible(p, window, c0, c1):
+    """The positions of chunk c0..c1 that the query at position p sees."""
+    lo = c0 if window <= 0 else max(c0, p - window + 1)
+    return lo, min(c1, p + 1)
+
+
 # reassoc lets LLVM split the dot products into SIMD partial sums, as ggml's own f16 dot does.
 @nb.njit(inline="always")
 def _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap):
@@ -155,8 +206,32 @@ def _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window):
                 o[d] += w * row[d]
 
 
+@nb.njit(inline="always")
+def _f16_keys(scores, q, k, row, kv, c0, c1, t0, t1, pos0, group, window, scale, softcap, table):
+    for j in range(c0, c1):
+        for d in range(row.shape[0]):
+            row[d] = table[k[kv, j, d]]
+        _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
+
+
+@nb.njit(inline="always")
+def _f16_values(out, scores, v, row, kv, c0, c1, t0, t1, pos0, group, window, table):
+    for j in range(c0, c1):
+        for d in range(row.shape[0]):
+            row[d] = table[v[kv, j, d]]
+        _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window)
+
+
+@nb.njit(inline="always")
+def _round_q(q, t0, t1, h0, h1):
+    for t in range(t0, t1):  # q is scratch after RoPE: round it to fp16 in place, once
+        for h in range(h0, h1):
+            for d in range(q.shape[2]):
+                q[t, h, d] = _round_half(q[t, h, d])
+
+
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "nsz", "contract"})
-def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
+def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, part, stats, rows, threads):
     """attention() over an fp16 cache (k, v: uint16 bits [Hkv, S, D]), with ggml's arithmetic.
 
     llama.cpp without flash attention computes softmax(K . fp16(q) * scale) and multiplies
@@ -165,53 +240,107 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table):
 
     Work items are (kv head, block of query tokens): each K or V row is converted from fp16
     once per item and reused by every query head of the group and every token of the block,
-    so the inner loops are contiguous float32 dots and axpys.
-    scores: float32 scratch [>= T * Hq, S]. Each item converts rows into a D-float buffer of its own.
+    so the inner loops are contiguous float32 dots and axpys. A decoding step (few tokens) whose
+    items do not divide evenly among the threads also splits the positions into chunks
+    (split-K; `split_count`), in three passes so that
+    the probabilities are still normalized over the whole context before their fp16 rounding:
+    scores and each chunk's maximum; exps and each chunk's sum; rounded probabilities times
+    V into per-chunk partial outputs, summed at the end.
+    scores: float32 scratch [>= T * Hq, S]; part, stats, rows: an `AttentionScratch`'s;
+    threads: numba's thread count.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[0]
     group = Hq // Hkv
     n_blocks = min(T, max(1, 8 // Hkv))  # enough items to keep the threads busy
     per = (T + n_blocks - 1) // n_blocks
-    for item in prange(Hkv * n_blocks):
-        kv, b = item // n_blocks, item % n_blocks
+    n_chunks = 1  # three passes cost more than they win where the items already balance
+    if threads > 0 and (Hkv * n_blocks) % threads:  # (on 2 threads: 1.9x for 1 KV head, 1.1x for 3)
+        n_chunks = split_count(T, Hkv * n_blocks, pos0, window, part, rows, threads)
+    if n_chunks > 1:
+        _round_q(q, 0, T, 0, Hq)
+    for item in prange(Hkv * n_blocks * n_chunks):
+        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
+        b, c = rest // n_chunks, rest % n_chunks
         t0, t1 = b * per, min(T, (b + 1) * per)
-        if t0 >= t1:
-            continue
-        lo_all = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
-        hi_all = pos0 + t1  # exclusive
-        row = np.empty(D, np.float32)
-        for t in range(t0, t1):  # q is scratch after RoPE: round it to fp16 in place, once
-            for h in range(kv * group, (kv + 1) * group):
-                for d in range(D):
-                    q[t, h, d] = _round_half(q[t, h, d])
-        for j in range(lo_all, hi_all):
-            for d in range(D):
-                row[d] = table[k[kv, j, d]]
-            _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
+        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        row = rows[item, 0]
+        if n_chunks == 1:
+            _round_q(q, t0, t1, kv * group, (kv + 1) * group)
+        _f16_keys(scores, q, k, row, kv, c0, c1, t0, t1, pos0, group, window, scale, softcap, table)
         for t in range(t0, t1):
-            p = pos0 + t
-            lo = 0 if window <= 0 else max(0, p - window + 1)
+            lo, hi = visible(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
                 s = scores[t * Hq + h]
                 m = np.float32(-np.inf)
-                for j in range(lo, p + 1):
+                for j in range(lo, hi):
                     m = max(m, s[j])
+                if n_chunks > 1:
+                    stats[c, t, h, 1] = m
+                    continue
                 total = 0.0
-                for j in range(lo, p + 1):
+                for j in range(lo, hi):
                     e = np.float32(math.exp(np.float32(s[j] - m)))
                     s[j] = e
                     total += e
                 inv = np.float32(1.0 / total)
-                for j in range(lo, p + 1):
+                for j in range(lo, hi):
                     s[j] = _round_half(s[j] * inv)
                 o = out[t, h]
                 for d in range(D):
                     o[d] = 0.0
-        for j in range(lo_all, hi_all):
+        if n_chunks == 1:
+            _f16_values(out, scores, v, row, kv, c0, c1, t0, t1, pos0, group, window, table)
+    if n_chunks == 1:
+        return
+    for t in range(T):  # the overall maximum, into chunk 0's slot
+        for h in range(Hq):
+            for c in range(1, n_chunks):
+                stats[0, t, h, 1] = max(stats[0, t, h, 1], stats[c, t, h, 1])
+    for item in prange(Hkv * n_blocks * n_chunks):
+        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
+        b, c = rest // n_chunks, rest % n_chunks
+        t0, t1 = b * per, min(T, (b + 1) * per)
+        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        for t in range(t0, t1):
+            lo, hi = visible(pos0 + t, window, c0, c1)
+            for h in range(kv * group, (kv + 1) * group):
+                s, m = scores[t * Hq + h], stats[0, t, h, 1]
+                total = 0.0
+                for j in range(lo, hi):
+                    e = np.float32(math.exp(np.float32(s[j] - m)))
+                    s[j] = e
+                    total += e
+                stats[c, t, h, 0] = total
+    for t in range(T):  # 1 / the overall sum, into chunk 0's slot
+        for h in range(Hq):
+            total = 0.0
+            for c in range(n_chunks):
+                total += stats[c, t, h, 0]
+            stats[0, t, h, 0] = np.float32(1.0 / total)
+    for item in prange(Hkv * n_blocks * n_chunks):
+        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
+        b, c = rest // n_chunks, rest % n_chunks
+        t0, t1 = b * per, min(T, (b + 1) * per)
+        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        dst = part[c]
+        for t in range(t0, t1):
+            lo, hi = visible(pos0 + t, window, c0, c1)
+            for h in range(kv * group, (kv + 1) * group):
+                s, inv = scores[t * Hq + h], np.float32(stats[0, t, h, 0])
+                for j in range(lo, hi):
+                    s[j] = _round_half(s[j] * inv)
+                for d in range(D):
+                    dst[t, h, d] = 0.0
+        _f16_values(dst, scores, v, rows[item, 0], kv, c0, c1, t0, t1, pos0, group, window, table)
+    for t in range(T):
+        for h in range(Hq):
+            o = out[t, h]
             for d in range(D):
-                row[d] = table[v[kv, j, d]]
-            _add_value(out, scores, row, j, t0, t1, pos0, kv, group, window)
+                o[d] = part[0, t, h, d]
+            for c in range(1, n_chunks):
+                for d in range(D):
+                    o[d] += part[c, t, h, d]
 
 
 # The gated activations run on one thread: a few thousand exps cost less than waking others.

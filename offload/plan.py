@@ -52,9 +52,9 @@ from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
-from edgert.quant.kv_kernels import AttentionScratch
 
 from edgert.errors import BudgetError
+from edgert.kernels import AttentionScratch
 from edgert.models.base import ModelArgs, Shard
 from edgert.weights import WeightStore
 

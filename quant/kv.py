@@ -193,7 +193,7 @@ class QuantKVCache:
 
     def attend(self, out, q, pos0: int, scale: float, window: int, softcap: float, scores, scratch) -> None:
         """Attention of q [T, Hq, D] at positions pos0.. over this cache, into out [T, Hq, D];
-        scores and scratch (`kv_kernels.AttentionScratch`) are the model's buffers."""
+        scores and scratch (`edgert.kernels.AttentionScratch`) are the model's buffers."""
         KQ.attend(out, q, pos0, scale, window, softcap, scores, scratch, self)
 
     @property

@@ -26,7 +26,7 @@ import numpy as np
 from edgert.quant.kernels import _f32_as_u32, _round_f16, _u32_as_f32
 from numba import prange
 
-from edgert.kernels import F16_TABLE
+from edgert.kernels import F16_TABLE, chunk_range, split_count, visible
 
 _FAST = {"reassoc", "nsz", "contract"}
 
@@ -202,24 +202,6 @@ def dequantize(out_k, out_v, k_codes, k_scale, k_min, v_codes, v_scale, v_min, b
 
 # ---- attention -------------------------------------------------------------------------
 
-CHUNKS = 8  # at most this many position chunks per (kv head, token block): split-K
-SPLIT_TOKENS = 4  # positions are split only for at most this many query tokens (decoding)
-MIN_CHUNK = 256  # and only into chunks of at least this many positions
-
-
-class AttentionScratch:
-    """Buffers of `attention_q`, allocated once per model (`Workspace`) for n_heads query heads:
-    per-chunk partial outputs and softmax statistics, and each work item's row buffers."""
-
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
-        self.part = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32)
-        self.stats = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float32)  # sum, max
-        self.rows = np.zeros((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32)
-
-    @staticmethod
-    def nbytes(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
-        return 4 * CHUNKS * (SPLIT_TOKENS * n_heads * (head_dim + 2) + max(8, n_kv_heads) * 3 * head_dim)
-
 
 @nb.njit(inline="always", fastmath=_FAST)
 def _exp(x):
@@ -287,18 +269,6 @@ def _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, sink_v, recent_v, v_fr
         _token_row(row, v_codes[kv, j], v_scale[kv, j], v_min[kv, j], bits, cg, table)
 
 
-@nb.njit(inline="always")
-def _ceil_to(x, n):
-    return (x + n - 1) // n * n
-
-
-@nb.njit(inline="always")
-def _span(p, window, c0, c1):
-    """The positions of chunk c0..c1 that the query at position p sees."""
-    lo = c0 if window <= 0 else max(c0, p - window + 1)
-    return lo, min(c1, p + 1)
-
-
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=_FAST)
 def attention_q(
     out, q, pos0, scale, window, softcap, scores, part, stats, rows, threads, k_codes, k_scale,
@@ -317,7 +287,7 @@ def attention_q(
     decoding step) there would be only as many items as KV heads (one, on gemma3), so the
     positions are split into chunks (split-K, as flash-decoding): each item's softmax is
     relative to its own maximum, its unnormalized output and statistics go to part/stats
-    (`AttentionScratch`), and a final pass merges the chunks. scores: float32 scratch
+    (`edgert.kernels.AttentionScratch`), and a final pass merges the chunks. scores: float32 scratch
     [>= T * Hq, S]. threads: numba's thread count.
     """
     T, Hq, D = q.shape
@@ -325,20 +295,12 @@ def attention_q(
     group = Hq // Hkv
     n_blocks = min(T, max(1, 8 // Hkv))
     per = (T + n_blocks - 1) // n_blocks
-    span = pos0 + T if window <= 0 else min(pos0 + T, window + T - 1)
-    n_chunks = 1
-    if T <= part.shape[1]:
-        want = -(-4 * threads // (Hkv * n_blocks))  # items enough to balance the threads
-        n_chunks = max(1, min(part.shape[0], want, span // MIN_CHUNK, rows.shape[0] // (Hkv * n_blocks)))
+    n_chunks = split_count(T, Hkv * n_blocks, pos0, window, part, rows, threads)
     for item in prange(Hkv * n_blocks * n_chunks):
         kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
         b, c = rest // n_chunks, rest % n_chunks
         t0, t1 = b * per, min(T, (b + 1) * per)
-        lo_all = 0 if window <= 0 else max(0, pos0 + t0 - window + 1)
-        hi_all = pos0 + t1 if t0 < t1 else lo_all
-        step = _ceil_to(_ceil_to(hi_all - lo_all, n_chunks) // n_chunks, 64)  # whole key groups
-        c0 = min(hi_all, lo_all + c * step)
-        c1 = min(hi_all, c0 + step)
+        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
         row, ks, km = rows[item, 0], rows[item, 1], rows[item, 2]
         cur = -1
         for j in range(c0, c1):
@@ -354,7 +316,7 @@ def attention_q(
                         scores[t * Hq + h, j] = x
         dst = out if n_chunks == 1 else part[c]
         for t in range(t0, t1):
-            lo, hi = _span(pos0 + t, window, c0, c1)
+            lo, hi = visible(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
                 s = scores[t * Hq + h]
                 m = np.float32(-np.inf)

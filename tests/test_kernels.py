@@ -72,19 +72,33 @@ def attention_f16_ref(q, k16, v16, pos0, scale, window):
     return out
 
 
-@pytest.mark.parametrize("window", [0, 6])
-def test_attention_f16(window):
-    q, k, v = _qkv(T=3, Hq=4, Hkv=2, S=24, D=32)
+@pytest.mark.parametrize(
+    "T,Hkv,S,pos0,window",
+    [
+        (3, 2, 24, 12, 0),
+        (3, 2, 24, 12, 6),
+        (1, 3, 1500, 1499, 0),  # one token over a long cache: positions split across threads
+        (1, 1, 1500, 1499, 0),
+        (1, 1, 1500, 1499, 700),  # ... with a sliding window
+    ],
+)
+def test_attention_f16(T, Hkv, S, pos0, window):
+    Hq, D = 2 * Hkv, 32
+    q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
     k16, v16 = k.astype(np.float16), v.astype(np.float16)
     out = np.empty_like(q)
-    scores = np.zeros((3 * 4, 24), np.float32)
+    scores = np.zeros((T * Hq, S), np.float32)
+    scratch = K.AttentionScratch(Hq, Hkv, D)
     K.attention_f16(
-        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), 12, 0.2, window, 0.0, scores, K.F16_TABLE
-    )
+        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores,
+        K.F16_TABLE, scratch.part, scratch.stats, scratch.rows, 2,
+    )  # fmt: skip
+    if S > 1000:  # the split took place: chunk 1 holds statistics
+        assert scratch.stats[1, :T, :, 0].min() > 0
     # a probability that lands on an fp16 rounding boundary may round the other way
-    np.testing.assert_allclose(out, attention_f16_ref(q, k16, v16, 12, 0.2, window), atol=2e-3)
+    np.testing.assert_allclose(out, attention_f16_ref(q, k16, v16, pos0, 0.2, window), atol=2e-3)
     # and against exact attention, the fp16 rounding costs < 1e-2
-    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), 12, 0.2, window, 0.0)
+    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
     np.testing.assert_allclose(out, ref, atol=1e-2)
 
 

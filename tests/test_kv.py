@@ -94,7 +94,7 @@ def test_attention_matches_reference(bits, h, T, n0, window, softcap):
     q = rng.standard_normal((T, Hq, D)).astype(np.float32)
     out = np.empty_like(q)
     scores = np.zeros((T * Hq, n0 + T), np.float32)
-    c.attend(out, q, n0, 0.125, window, softcap, scores, KQ.AttentionScratch(Hq, h, D))
+    c.attend(out, q, n0, 0.125, window, softcap, scores, K.AttentionScratch(Hq, h, D))
     kq, vq = KQ.cache_ref(k, v, bits, KV.GROUP, c.channel_group, c.n_quant, c.sink, KV.RECENT)
     ref = K.attention_ref(q, kq, vq, n0, 0.125, window, softcap)
     np.testing.assert_allclose(out, ref, atol=1e-4)

@@ -20,7 +20,6 @@ from edgert.cache import KVCache
 from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.offload.stream import RowReader
-from edgert.quant import kv_kernels as KQ
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
 from edgert.quant.kv import QuantKVCache, check_kv_bits
@@ -252,7 +251,7 @@ class Workspace:
             self.order = np.zeros(T * a.n_experts_used, np.int64)
         self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
         self.scores = np.zeros((T * hq, context), f32)  # attention_f16: one row per (token, head)
-        self.attn = KQ.AttentionScratch(hq, hkv, a.head_dim)  # the quantized caches' attention
+        self.attn = K.AttentionScratch(hq, hkv, a.head_dim)  # split-K attention (decoding steps)
 
 
 def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarray | None = None):
@@ -315,6 +314,10 @@ def attention_block(
                 a.attn_softcap,
                 ws.scores,
                 K.F16_TABLE,
+                ws.attn.part,
+                ws.attn.stats,
+                ws.attn.rows,
+                nb.get_num_threads(),
             )
         else:
             K.attention(att, q3, keys, values, pos, a.q_scale, window, a.attn_softcap)
