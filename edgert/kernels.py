@@ -136,13 +136,24 @@ class AttentionScratch:
     statistics, and each work item's row buffers."""
 
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
-        self.part = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32)
-        self.stats = np.zeros((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float64)  # sum, max
-        self.rows = np.zeros((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32)
+        b = self._buffers(n_heads, n_kv_heads, head_dim)
+        self.part = np.zeros(*b["part"])  # per chunk: unnormalized outputs
+        self.stats = np.zeros(*b["stats"])
+        self.rows = np.zeros(*b["rows"])
 
     @staticmethod
-    def nbytes(n_heads: int, n_kv_heads: int, head_dim: int) -> int:
-        return 4 * CHUNKS * (SPLIT_TOKENS * n_heads * (head_dim + 4) + max(8, n_kv_heads) * 3 * head_dim)
+    def _buffers(n_heads: int, n_kv_heads: int, head_dim: int) -> dict:
+        return {
+            "part": ((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32),
+            "stats": ((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float64),  # sum, max
+            "rows": ((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32),  # per work item
+        }
+
+    @classmethod
+    def nbytes(cls, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+        """The buffers' bytes, without allocating them (the memory plan)."""
+        bufs = cls._buffers(n_heads, n_kv_heads, head_dim).values()
+        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in bufs)
 
 
 @nb.njit(inline="always")
@@ -165,6 +176,25 @@ def chunk_range(pos0, t0, t1, window, n_chunks, c):
     step = ((hi - lo + n_chunks - 1) // n_chunks + 63) // 64 * 64
     c0 = min(hi, lo + c * step)
     return c0, min(hi, c0 + step)
+
+
+@nb.njit(inline="always")
+def work_item(item, n_blocks, n_chunks, per, T, pos0, window):
+    """Work item `item` of (kv head, token block, position chunk) as kv, c, t0, t1, c0, c1:
+    its KV head, chunk index, query tokens t0..t1-1 and cache positions c0..c1-1."""
+    kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
+    b, c = rest // n_chunks, rest % n_chunks
+    t0, t1 = b * per, min(T, (b + 1) * per)
+    c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+    return kv, c, t0, t1, c0, c1
+
+
+@nb.njit(inline="always")
+def row_max(s, lo, hi):
+    m = np.float32(-np.inf)
+    for j in range(lo, hi):
+        m = max(m, s[j])
+    return m
 
 
 @nb.njit(inline="always")
@@ -223,6 +253,17 @@ def _f16_values(out, scores, v, row, kv, c0, c1, t0, t1, pos0, group, window, ta
 
 
 @nb.njit(inline="always")
+def _exps_f16(s, lo, hi, m):
+    """s[lo:hi] <- exp(s - m) as ggml computes it; returns their sum, in float64 as ggml's."""
+    total = 0.0
+    for j in range(lo, hi):
+        e = np.float32(math.exp(np.float32(s[j] - m)))
+        s[j] = e
+        total += e
+    return total
+
+
+@nb.njit(inline="always")
 def _round_q(q, t0, t1, h0, h1):
     for t in range(t0, t1):  # q is scratch after RoPE: round it to fp16 in place, once
         for h in range(h0, h1):
@@ -260,10 +301,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, par
     if n_chunks > 1:
         _round_q(q, 0, T, 0, Hq)
     for item in prange(Hkv * n_blocks * n_chunks):
-        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
-        b, c = rest // n_chunks, rest % n_chunks
-        t0, t1 = b * per, min(T, (b + 1) * per)
-        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        kv, c, t0, t1, c0, c1 = work_item(item, n_blocks, n_chunks, per, T, pos0, window)
         row = rows[item, 0]
         if n_chunks == 1:
             _round_q(q, t0, t1, kv * group, (kv + 1) * group)
@@ -272,18 +310,11 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, par
             lo, hi = visible(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
                 s = scores[t * Hq + h]
-                m = np.float32(-np.inf)
-                for j in range(lo, hi):
-                    m = max(m, s[j])
+                m = row_max(s, lo, hi)
                 if n_chunks > 1:
                     stats[c, t, h, 1] = m
                     continue
-                total = 0.0
-                for j in range(lo, hi):
-                    e = np.float32(math.exp(np.float32(s[j] - m)))
-                    s[j] = e
-                    total += e
-                inv = np.float32(1.0 / total)
+                inv = np.float32(1.0 / _exps_f16(s, lo, hi, m))
                 for j in range(lo, hi):
                     s[j] = _round_half(s[j] * inv)
                 o = out[t, h]
@@ -298,20 +329,11 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, par
             for c in range(1, n_chunks):
                 stats[0, t, h, 1] = max(stats[0, t, h, 1], stats[c, t, h, 1])
     for item in prange(Hkv * n_blocks * n_chunks):
-        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
-        b, c = rest // n_chunks, rest % n_chunks
-        t0, t1 = b * per, min(T, (b + 1) * per)
-        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        kv, c, t0, t1, c0, c1 = work_item(item, n_blocks, n_chunks, per, T, pos0, window)
         for t in range(t0, t1):
             lo, hi = visible(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
-                s, m = scores[t * Hq + h], stats[0, t, h, 1]
-                total = 0.0
-                for j in range(lo, hi):
-                    e = np.float32(math.exp(np.float32(s[j] - m)))
-                    s[j] = e
-                    total += e
-                stats[c, t, h, 0] = total
+                stats[c, t, h, 0] = _exps_f16(scores[t * Hq + h], lo, hi, stats[0, t, h, 1])
     for t in range(T):  # 1 / the overall sum, into chunk 0's slot
         for h in range(Hq):
             total = 0.0
@@ -319,10 +341,7 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, par
                 total += stats[c, t, h, 0]
             stats[0, t, h, 0] = np.float32(1.0 / total)
     for item in prange(Hkv * n_blocks * n_chunks):
-        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
-        b, c = rest // n_chunks, rest % n_chunks
-        t0, t1 = b * per, min(T, (b + 1) * per)
-        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        kv, c, t0, t1, c0, c1 = work_item(item, n_blocks, n_chunks, per, T, pos0, window)
         dst = part[c]
         for t in range(t0, t1):
             lo, hi = visible(pos0 + t, window, c0, c1)

@@ -48,6 +48,8 @@ VALUE_GROUP = 64  # channels per per-token group of 4-bit values
 SLACK = 16  # fp16 positions the 4-bit residual keeps after a group is quantized
 SINK = 4  # first positions the 4-bit cache keeps in fp16
 RECENT = 32  # newest positions whose values the 4-bit cache reads in fp16
+KEY_RESIDUAL = GROUP + SLACK  # fp16 keys the 4-bit cache holds before quantizing a group
+VALUE_RING = RECENT + SLACK  # fp16 values it holds: RECENT read, SLACK more survive a rollback
 
 
 def check_kv_bits(bits: int) -> int:
@@ -74,8 +76,9 @@ def bytes_per_token(bits: int, n_kv_heads: int, head_dim: int) -> float:
 
 
 def fixed_bytes(bits: int, n_kv_heads: int, head_dim: int) -> int:
-    """KV bytes one layer holds whatever the length: the 4-bit cache's fp16 key residual and sink."""
-    fp16_positions = (GROUP + SLACK) + (RECENT + SLACK) + 2 * SINK  # keys, values, sink's both
+    """KV bytes one layer holds whatever the length: the 4-bit cache's fp16 parts (key residual,
+    value ring, the sink's keys and values)."""
+    fp16_positions = KEY_RESIDUAL + VALUE_RING + 2 * SINK
     return n_kv_heads * fp16_positions * head_dim * 2 if check_kv_bits(bits) == 4 else 0
 
 
@@ -105,11 +108,9 @@ class QuantKVCache:
         kshape = (H, -(-S // GROUP), D) if bits == 4 else (H, S, D // cg)
         self.k_scale, self.k_min = np.empty(kshape, np.uint16), np.empty(kshape, np.uint16)
         self.v_scale, self.v_min = np.empty((H, S, D // cg), np.uint16), np.empty((H, S, D // cg), np.uint16)
-        cap = GROUP + SLACK if bits == 4 else 0
-        self.res_k = np.empty((H, cap, D), np.float16)
+        self.res_k = np.empty((H, KEY_RESIDUAL if bits == 4 else 0, D), np.float16)
         self.res_k_bits = self.res_k.view(np.uint16)
-        ring = RECENT + SLACK if bits == 4 else 0  # position p at p % ring
-        self.recent_v = np.empty((H, ring, D), np.float16)
+        self.recent_v = np.empty((H, VALUE_RING if bits == 4 else 0, D), np.float16)  # p at p % ring
         self.recent_v_bits = self.recent_v.view(np.uint16)
         self.v_from = 0  # the values of positions v_from..offset-1 are in recent_v
         self.sink = sink = SINK if bits == 4 else 0
@@ -146,7 +147,7 @@ class QuantKVCache:
             n = min(T, self.sink - pos)
             self.sink_k[:, pos : pos + n] = k[:n].transpose(1, 0, 2)
             self.sink_v[:, pos : pos + n] = v[:n].transpose(1, 0, 2)
-        G, cap, i = self.group, self.group + self.slack, 0
+        G, cap, i = self.group, self.res_k.shape[1], 0
         while i < T:
             r = self.offset - self.n_quant
             m = min(T - i, cap - r)

@@ -26,7 +26,7 @@ import numpy as np
 from edgert.quant.kernels import _f32_as_u32, _round_f16, _u32_as_f32
 from numba import prange
 
-from edgert.kernels import F16_TABLE, chunk_range, split_count, visible
+from edgert.kernels import F16_TABLE, _add_value, _score_key, row_max, split_count, visible, work_item
 
 _FAST = {"reassoc", "nsz", "contract"}
 
@@ -228,14 +228,6 @@ def exp_ref(x, out):  # test hook for _exp
 
 
 @nb.njit(inline="always", fastmath=_FAST)
-def _dot(a, b):
-    acc = np.float32(0.0)
-    for d in range(b.shape[0]):
-        acc += a[d] * b[d]
-    return acc
-
-
-@nb.njit(inline="always", fastmath=_FAST)
 def _axpy(o, w, b):
     for d in range(b.shape[0]):
         o[d] += w * b[d]
@@ -297,31 +289,20 @@ def attention_q(
     per = (T + n_blocks - 1) // n_blocks
     n_chunks = split_count(T, Hkv * n_blocks, pos0, window, part, rows, threads)
     for item in prange(Hkv * n_blocks * n_chunks):
-        kv, rest = item // (n_blocks * n_chunks), item % (n_blocks * n_chunks)
-        b, c = rest // n_chunks, rest % n_chunks
-        t0, t1 = b * per, min(T, (b + 1) * per)
-        c0, c1 = chunk_range(pos0, t0, t1, window, n_chunks, c)
+        kv, c, t0, t1, c0, c1 = work_item(item, n_blocks, n_chunks, per, T, pos0, window)
         row, ks, km = rows[item, 0], rows[item, 1], rows[item, 2]
         cur = -1
         for j in range(c0, c1):
             cur = _key(
                 row, ks, km, cur, kv, j, k_codes, k_scale, k_min, bits, G, cg, nq, res_k, sink_k, table
             )
-            for t in range(t0, t1):
-                if j <= pos0 + t and (window <= 0 or j > pos0 + t - window):
-                    for h in range(kv * group, (kv + 1) * group):
-                        x = _dot(q[t, h], row) * np.float32(scale)
-                        if softcap > 0.0:
-                            x = np.float32(softcap * math.tanh(x / softcap))
-                        scores[t * Hq + h, j] = x
+            _score_key(scores, q, row, j, t0, t1, pos0, kv, group, window, scale, softcap)
         dst = out if n_chunks == 1 else part[c]
         for t in range(t0, t1):
             lo, hi = visible(pos0 + t, window, c0, c1)
             for h in range(kv * group, (kv + 1) * group):
                 s = scores[t * Hq + h]
-                m = np.float32(-np.inf)
-                for j in range(lo, hi):
-                    m = max(m, s[j])
+                m = row_max(s, lo, hi)
                 total = np.float32(0.0)
                 for j in range(lo, hi):
                     e = _exp(s[j] - m)
@@ -339,10 +320,7 @@ def attention_q(
                     o[d] = 0.0
         for j in range(c0, c1):
             _value(row, kv, j, v_codes, v_scale, v_min, bits, cg, sink_v, recent_v, v_from, table)
-            for t in range(t0, t1):
-                if j <= pos0 + t and (window <= 0 or j > pos0 + t - window):
-                    for h in range(kv * group, (kv + 1) * group):
-                        _axpy(dst[t, h], scores[t * Hq + h, j], row)
+            _add_value(dst, scores, row, j, t0, t1, pos0, kv, group, window)
     if n_chunks > 1:  # merge the chunks: rescale each to the overall maximum
         for t in range(T):
             for h in range(Hq):
