@@ -19,6 +19,14 @@ from edgert.tokenizer import Tokenizer
 from edgert.weights import TensorRef, WeightStore, gguf_catalog, safetensors_catalog
 
 _EXPS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
+# GGUF metadata arrays that only build the tokenizer; held as Python strings they cost 29 MiB
+# for a 152k-token vocabulary, so they are dropped once it is built.
+_VOCAB_KEYS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,8 @@ def _open_gguf(path: Path) -> ModelSource:
         else:
             refs[name] = ref
     tok = Tokenizer.from_gguf_metadata(gf.metadata)
+    for k in _VOCAB_KEYS:
+        gf.metadata.pop(k, None)
     return ModelSource(path, "gguf", args, WeightStore(refs), gf.metadata, tok)
 
 

@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 from edgert.offload import packed as packed_file
-from edgert.offload.memory import ZERO, Memory
+from edgert.offload.memory import ZERO, Memory, release_free_heap
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
@@ -81,6 +81,7 @@ def measured_overhead() -> Memory:
     before it is built."""
     import psutil
 
+    release_free_heap()
     return Memory(psutil.Process().memory_info().rss) + LOAD_MARGIN
 
 
