@@ -281,6 +281,15 @@ class _SlotPool:
     def layout_of(self, name: str) -> Layout:
         raise NotImplementedError
 
+    def snapshot(self) -> StreamStats:
+        """The statistics so far, the busy period in progress included: `stats.read_seconds`
+        grows only when the disk goes idle, which it may not do for a whole token."""
+        with self._cv:
+            s = self.stats.snapshot()
+            if self._inflight:
+                s.read_seconds += time.perf_counter() - self._busy_since
+            return s
+
     def close(self) -> None:
         with self._cv:
             self._closed = True

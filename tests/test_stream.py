@@ -95,6 +95,34 @@ def test_streamer_overlaps_reads_with_compute(tmp_path):
         s.close()
 
 
+def test_read_seconds_include_the_read_in_flight(tmp_path, monkeypatch):
+    """A snapshot counts the busy period in progress: with a read always in flight (a disk-bound
+    run), the reader's time would otherwise not grow for a whole token, and its rate would
+    read as infinite."""
+    from edgert.offload import stream
+
+    path, _ = _file(tmp_path)
+    release = threading.Event()
+    fill = stream.UnitReader.fill
+
+    def slow_fill(self, lay, slot):
+        release.wait(5)
+        return fill(self, lay, slot)
+
+    monkeypatch.setattr(stream.UnitReader, "fill", slow_fill)
+    s = Streamer(_units(path, SPANS), 2, direct=False)
+    try:
+        threading.Event().wait(0.1)
+        assert s.stats.read_seconds == 0.0  # nothing has landed yet
+        assert s.snapshot().read_seconds >= 0.09
+        release.set()
+        s.acquire("u0")  # the readers go on to the next units: the disk may never go idle
+        assert s.snapshot().read_seconds > 0.09 and s.snapshot().bytes_read > 0
+    finally:
+        release.set()
+        s.close()
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
 def test_expert_cache(tmp_path, direct):
     """Experts come back with their bytes; wanted ones are read ahead, present ones are hits,

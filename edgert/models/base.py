@@ -690,8 +690,8 @@ class Transformer:
     def io_stats(self):
         """What the streamer and the expert cache have read so far (a StreamStats), or None
         when nothing streams."""
-        parts = [s.stats for s in (self.streamer, self.expert_cache) if s is not None]
-        return sum(parts[1:], parts[0].snapshot()) if parts else None
+        parts = [s.snapshot() for s in (self.streamer, self.expert_cache) if s is not None]
+        return sum(parts[1:], parts[0]) if parts else None
 
     # ---- the blocks, resident or streamed ----------------------------------------------
 
