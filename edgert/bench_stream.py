@@ -334,9 +334,9 @@ def format_stream_table(res: StreamBench) -> str:
         f"reads in flight) {_gbs(res)}; buffered {res.buffered_bps / 1e9:.2f} GB/s (first GiB)",
         "",
         "| budget | edgert tok/s | llama.cpp tok/s | edgert / llama.cpp | streamed per token | "
-        "disk read before the run | disk limit tok/s | edgert / disk limit | I/O wait per token | "
-        "edgert peak RSS | cgroup peak | OOM kills |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "disk read before the run | disk limit tok/s | edgert / disk limit | edgert's reads (busy) | "
+        "I/O wait per token | edgert peak RSS | cgroup peak | OOM kills |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, s in sorted(by.items()):
         e, ll = s.get("edgert"), s.get("llama.cpp")
@@ -352,13 +352,23 @@ def format_stream_table(res: StreamBench) -> str:
             f"| {b / 2**30:.2f} GiB | {tps(e)} | {tps(ll)} | {ratio} | "
             f"{e.bytes_per_token / 2**20:.0f} MiB | {(e.disk_bps or res.disk_bps) / 1e9:.2f} GB/s | "
             f"{lim:.3f} | "
-            f"{(e.decode_tps / lim if lim else 0):.0%} | {e.io_wait_per_token * 1000:.0f} ms | "
+            f"{(e.decode_tps / lim if lim else 0):.0%} | {_reads(e)} | {e.io_wait_per_token * 1000:.0f} ms | "
             f"{e.peak_rss / 2**20:.0f} MiB | {e.cgroup_peak / 2**20:.0f} MiB | "
             f"{e.oom_kills} / {ll.oom_kills if ll else '–'} |"
         )
     lines.append("")
     lines.append(f"llama.cpp: use_mmap=True; {LLAMA_NOTE}")
     return "\n".join(lines)
+
+
+def _reads(run: StreamRun) -> str:
+    """The rate edgert's readers moved bytes at while a read was in flight, and the share of
+    the decode they kept one in flight: what separates the streamer's scheduling (the share)
+    from the disk's own speed under the run's load (the rate)."""
+    if not run.reader_bps or not run.decode_tps:
+        return "–"
+    busy = run.bytes_per_token * run.decode_tps / run.reader_bps
+    return f"{run.reader_bps / 1e9:.2f} GB/s ({min(busy, 1.0):.0%})"
 
 
 def _gbs(res: StreamBench) -> str:

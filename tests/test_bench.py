@@ -72,14 +72,18 @@ def test_cgroup_helper_refuses_clearly(tmp_path, monkeypatch):
 def test_stream_table():
     from edgert.bench_stream import StreamBench, StreamRun, format_stream_table
 
-    e = StreamRun("edgert", 3 << 29, 0.25, 8, 32.0, 1400 << 20, 1500 << 20, 0, bytes_per_token=3.3e9)
+    e = StreamRun(
+        "edgert", 3 << 29, 0.25, 8, 32.0, 1400 << 20, 1500 << 20, 0, bytes_per_token=3.3e9, reader_bps=0.88e9
+    )
     ll = StreamRun("llama.cpp", 3 << 29, 0.05, 8, 160.0, 1500 << 20, 1536 << 20, 0)
     bad = StreamRun("llama.cpp", 1 << 30, 0.0, 0, 600, -1, 1 << 30, 1, error="no result within 600 s")
     e2 = StreamRun("edgert", 1 << 30, 0.2, 8, 40.0, 1000 << 20, 1 << 30, 0, bytes_per_token=3.5e9)
     e2.disk_bps = 1.4e9  # measured right before this run: its disk limit uses it
     res = StreamBench("/m/7b.gguf", 4_680_000_000, 512, 2, 1.0e9, 0.2e9, [e, ll, e2, bad])
     table = format_stream_table(res)
-    assert "| 1.50 GiB | 0.250 | 0.050 | 5.00× | 3147 MiB | 1.00 GB/s | 0.303 | 82% |" in table
+    assert (
+        "| 1.50 GiB | 0.250 | 0.050 | 5.00× | 3147 MiB | 1.00 GB/s | 0.303 | 82% | 0.88 GB/s (94%) |" in table
+    )
     assert "| 1.00 GiB | 0.200 | failed" in table and "| 1.40 GB/s | 0.400 | 50% |" in table
     assert "failed: no result within 600 s" in table and "| 0 / 1 |" in table
     assert res.to_dict()["schema"] == "edgert-bench-stream/1"
