@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE
+from edgert.quant.pack import resident_nbytes
 
 from edgert.errors import UnsupportedError
 from edgert.models.base import ModelArgs, Shard
@@ -89,6 +90,23 @@ class Unit:
     def read_bytes(self) -> int:
         """Bytes the unit's reads cover: nbytes plus any alignment padding merged in."""
         return sum(r.total for r in self.ranges)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the unit holds once loaded resident: its matrices repacked into the kernels'
+        records where their type has them (`edgert.quant.pack`), vectors as float32 copies.
+        A unit described by its size alone (planning what-ifs) holds `nbytes`."""
+        if not self.parts:
+            return self.nbytes
+        total = 0
+        for r in self.parts:
+            if isinstance(r, _Strided):  # a column slice: one piece per row
+                total += resident_nbytes(r.ref.qtype, r.repeat, r.nbytes)
+            elif len(r.shape) == 2:
+                total += resident_nbytes(r.qtype, r.n_rows, r.row_bytes)
+            else:
+                total += max(r.nbytes, 4 * r.shape[0])
+        return total
 
     @property
     def token_bytes(self) -> float:

@@ -69,6 +69,14 @@ def packed_nbytes(qtype: int, n_rows: int, n_cols: int) -> int | None:
     return (n_rows + G - 1) // G * (n_cols // BLOCK_SIZE[qt]) * _REC[qt]
 
 
+def resident_nbytes(qtype: int, n_rows: int, row_bytes: int) -> int:
+    """Bytes `pack` holds for n_rows rows of `row_bytes` raw bytes: the records where the type
+    has them (2-3% more than the blocks for Q4_K, whose scales they widen), else the rows."""
+    qt = as_qtype(qtype)
+    n = packed_nbytes(qt, n_rows, row_bytes // TYPE_SIZE[qt] * BLOCK_SIZE[qt])
+    return n_rows * row_bytes if n is None else n
+
+
 def pack(w: np.ndarray, qtype: int, chunk_rows: int = 8192, done=None) -> PackedWeight:
     """Copy raw GGUF rows (uint8 [N, row bytes], possibly a strided view) into the layout `matmul` runs
     fastest on. Types without a row-interleaved kernel (or CPUs without AVX512-VNNI) keep their rows.

@@ -119,6 +119,38 @@ def test_units_cover_every_tensor_once(real_model):
             assert names == ["blk.0.attention", "blk.0.ffn_gate", "blk.0.ffn_up", "blk.0.ffn_down"]
 
 
+def test_unit_resident_bytes_are_what_loading_holds(real_model):
+    """A unit's resident size is what loading it holds: its matrices as `pack` makes them
+    (Q4_K records are larger than the blocks), column slices of a shard included."""
+    from edgert.quant.pack import pack
+
+    from edgert.models.base import _cols
+
+    src = open_source(real_model("gemma3-270m"))  # Q4_K, Q5_0, Q6_K and Q8_0 matrices
+    a = src.args
+    half = Shard(range(0, 1), range(a.ffn_dim // 2), range(0), range(0))
+    for shard in (None, half):
+        us = [u for u in units(src.store, a, shard) if u.layer in (0, 3) or u.name == "head.0"]
+        for u in us:
+            held = 0
+            for r in u.parts:
+                ref = src.store.ref(r.name)
+                if len(ref.shape) == 1:
+                    held += src.store.f32(ref.name).nbytes
+                    continue
+                raw = src.store.raw(ref)
+                if u.rows:  # a head chunk
+                    raw = raw[u.rows[0] : u.rows[1]]
+                elif shard is not None and r.name.endswith(("ffn_down.weight", "attn_output.weight")):
+                    k = a.head_dim * a.n_heads // a.n_kv_heads if "attn" in r.name else a.ffn_dim // 2
+                    raw = _cols(raw, ref.qtype, 0, k, ref.name)
+                elif shard is not None:
+                    raw = raw[: r.n_rows]
+                held += pack(raw, ref.qtype).data.nbytes
+            assert u.resident_bytes == held, (u.name, shard)
+        assert any(u.resident_bytes > u.nbytes for u in us)  # the records' wider scales
+
+
 def test_units_merge_reads(real_model):
     src = open_source(real_model("qwen2.5-coder-0.5b"))
     us = {u.name: u for u in units(src.store, src.args)}

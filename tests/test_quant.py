@@ -6,7 +6,7 @@ import pytest
 from edgert.quant import formats as F
 from edgert.quant import kernels as K
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
-from edgert.quant.pack import unpack
+from edgert.quant.pack import resident_nbytes, unpack
 from gguf import quants as gq
 
 from edgert.errors import FormatError, UnsupportedError
@@ -253,6 +253,7 @@ def test_pack_round_trip_and_get_rows(q):
     w = rng.integers(0, 256, (37, F.row_nbytes(q, 512)), dtype=np.uint8)
     P = K.pack(w, q)
     assert np.array_equal(unpack(P), w)
+    assert P.data.nbytes == resident_nbytes(q, 37, w.shape[1])  # what the memory plan counts
     w = random_rows(q, 37, 512, rng)
     P = K.pack(w, q)
     ids = np.array([36, 0, 17, 16, 36], np.int64)
