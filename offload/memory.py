@@ -9,7 +9,7 @@ TiB) are powers of 1024 and decimal ones (kB, MB, GB, TB) powers of 1000, as `fr
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import gc
 import math
 import re
@@ -144,14 +144,14 @@ def release_free_heap() -> None:
     holds: opening a model frees the transient strings of its vocabulary and tokenizer (16 MiB
     for a 152k-token vocabulary), which glibc otherwise keeps. A no-op without glibc."""
     gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
-def _libc():
-    name = ctypes.util.find_library("c")
+@functools.cache
+def _malloc_trim():
     try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols: glibc's, where it is glibc
+    except (OSError, AttributeError):
         return None

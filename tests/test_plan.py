@@ -72,6 +72,27 @@ def test_memory_arithmetic_and_format():
         b - a  # sizes are never negative
 
 
+def test_release_free_heap_returns_freed_memory():
+    """What a process freed but the allocator kept (opening a model frees its tokenizer's
+    transient strings) leaves the resident set that the budget's overhead is measured from.
+    In a fresh process: pytest's own heap would blur the figure."""
+    code = (
+        "import gc, psutil\n"
+        "from edgert.offload.memory import release_free_heap\n"
+        "junk = [b'x' * 1000 + i.to_bytes(4, 'little') for i in range(200_000)]\n"
+        "keep = junk[::1000]  # pins the heap's top: only trimming gives the pages back\n"
+        "del junk\n"
+        "gc.collect()\n"
+        "before = psutil.Process().memory_info().rss\n"
+        "release_free_heap()\n"
+        "print(before - psutil.Process().memory_info().rss)\n"
+    )
+    freed = int(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert freed > 150 << 20, f"{freed >> 20} MiB of ~200 freed"
+
+
 # ---- units ----------------------------------------------------------------------------
 
 
