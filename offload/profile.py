@@ -300,10 +300,12 @@ def measure_kernel(
     total_bytes: int = 256 << 20, rows: int = 4096, cols: int = 4096, repeat: int = 3
 ) -> float:
     """Weight bytes/s of edgert's Q4_K matmul at T=1, cycling through enough matrices that
-    the weights come from memory rather than cache (as in decoding)."""
+    the weights come from memory rather than cache (as in decoding). The weights are laid out
+    as the runtime holds them (`pack`: the row-interleaved records where the CPU has
+    AVX512-VNNI, 2-3x faster than the raw blocks, else the raw rows)."""
     import numpy as np
     from edgert.quant.formats import QType, row_nbytes
-    from edgert.quant.kernels import MatmulScratch, matmul
+    from edgert.quant.kernels import MatmulScratch, matmul, pack
 
     rb = row_nbytes(QType.Q4_K, cols)
     n_mats = max(1, total_bytes // (rows * rb))
@@ -313,7 +315,7 @@ def measure_kernel(
         w = rng.integers(0, 256, (rows, rb), dtype=np.uint8)
         blocks = w.reshape(rows, -1, 144)
         blocks[:, :, 0:4] = np.frombuffer(np.array([0.01, 0.001], np.float16).tobytes(), np.uint8)
-        mats.append(w)
+        mats.append(pack(w, QType.Q4_K))
     x = rng.standard_normal((1, cols)).astype(np.float32)
     out = np.zeros((1, rows), np.float32)
     scratch = MatmulScratch(1, cols)
