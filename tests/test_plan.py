@@ -15,6 +15,7 @@ from edgert.offload.memory import Memory
 from edgert.offload.plan import (
     DEFAULT_OVERHEAD,
     GOOD_WINDOW,
+    LEAN_WINDOW,
     MIN_WINDOW,
     kv_bytes_per_token,
     plan,
@@ -247,6 +248,9 @@ def test_kv_bytes_per_token():
 # ---- the planner ----------------------------------------------------------------------
 
 PROFILE = DeviceProfile("test", 8 << 30, 500e6, 10e9, 4, 5e9)
+# Kernels slow beside the disk: any run of resident units outlasts 3 slots' reads, so the
+# window is not trimmed below GOOD_WINDOW
+SLOW_KERNELS = DeviceProfile("slow-kernels", 8 << 30, 500e6, 10e9, 4, 0.1e9)
 
 
 def _toy(n_layers=8, attn=2 * MiB, ffn=6 * MiB, head=40 * MiB, norms=64 << 10):
@@ -285,13 +289,13 @@ def test_plan_fits_and_never_streams_more_with_more_budget():
     minimum = _plan(us, 10 << 30).minimum
     last = None
     for budget in range(minimum.bytes, minimum.bytes + 140 * MiB, 3 * MiB + 12345):
-        p = _plan(us, budget)
+        p = _plan(us, budget, profile=SLOW_KERNELS)
         _check(p, us)
         assert p.minimum == minimum
         if last is not None and last.window >= GOOD_WINDOW:
             assert p.streamed_per_token <= last.streamed_per_token
         last = p
-    assert _plan(us, minimum.bytes + 2 * 6 * MiB).window == GOOD_WINDOW
+    assert _plan(us, minimum.bytes + 2 * 6 * MiB, profile=SLOW_KERNELS).window == GOOD_WINDOW
     full = _plan(us, 10 << 30)
     assert full.streamed == () and full.on_demand == () and full.streamed_per_token == Memory(0)
 
@@ -316,13 +320,30 @@ def test_plan_minimum_pins_the_big_head_and_refuses_below_it():
 def test_plan_pins_whole_layers_spread_through_the_depth_and_deepens_the_window():
     us = _toy()
     base = _plan(us, 10 << 30).minimum.bytes
-    p = _plan(us, base + 2 * 6 * MiB + 3 * 8 * MiB)  # two more slots, then three more layers
+    p = _plan(us, base + 2 * 6 * MiB + 3 * 8 * MiB, profile=SLOW_KERNELS)  # two more slots, then three layers
     assert p.window == GOOD_WINDOW
     layers = {int(n.split(".")[1]) for n in p.pinned if n.startswith("blk.")}
     assert layers == {0, 4, 2}  # spread out, so that streamed layers alternate with resident ones
     assert {f"blk.{i}.{k}" for i in layers for k in ("attention", "ffn")} <= set(p.pinned)
     q = _plan(us, base + 7 * MiB - 1)  # not a layer, but room for a third slot
     assert q.window >= 2 and q.used <= q.budget
+
+
+def test_plan_trims_the_window_where_resident_runs_are_short():
+    """One slot fewer (and one more slot's worth pinned) where 3 slots hold what the disk reads
+    while the kernels go through the longest run of resident units; 4 where they do not."""
+    us = _toy()
+    budget = _plan(us, 10 << 30).minimum.bytes + 2 * 6 * MiB + 3 * 8 * MiB
+    fast, slow = _plan(us, budget), _plan(us, budget, profile=SLOW_KERNELS)
+    _check(fast, us)
+    assert slow.window == GOOD_WINDOW and fast.window == LEAN_WINDOW
+    assert fast.pinned_bytes > slow.pinned_bytes and fast.streamed_per_token < slow.streamed_per_token
+    # the longest resident run: the head, and the first layer after it (the ring wraps)
+    by = {u.name: u for u in us}
+    assert {"head", "blk.0.attention", "blk.0.ffn"} <= set(fast.pinned)
+    run = by["head"].nbytes + by["blk.0.attention"].nbytes + by["blk.0.ffn"].nbytes
+    assert run * PROFILE.disk_read_bps / PROFILE.kernel_bps <= LEAN_WINDOW * fast.slot.bytes
+    assert run * SLOW_KERNELS.disk_read_bps / SLOW_KERNELS.kernel_bps > LEAN_WINDOW * slow.slot.bytes
 
 
 def test_plan_predicts_the_bottleneck():
