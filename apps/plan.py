@@ -80,7 +80,7 @@ def plan(
     line = typer.echo
     line(f"model          {src.path.name} ({src.args.arch}, {src.args.n_layers} layers)")
     line(f"units          {summary}")
-    line(f"weights        {p.weight_bytes}")
+    line(f"weights        {p.weight_bytes} (file size; pinned units count at their repacked size)")
     line(f"budget         {p.budget}   (minimum {p.minimum} at context {p.context})")
     line(
         f"  runtime {p.overhead} · KV cache {p.kv} ({p.context} tok) · workspace {p.workspace} · "

@@ -46,6 +46,9 @@ Decisions, and why:
   and 3.5 GB, where the resident runs are long, 3 slots left the disk idle 5-8% of the time.
   2 slots lost at 1.5 GB too (reads in flight 88-97%): the compute between streamed units is
   slower than the kernel rate alone, so 3 is the floor of the trim.
+  The trim makes the plan non-monotone in one place: just past the budget where the extra
+  pinning makes the resident run too long for 3 slots, the plan keeps 4 and streams up to
+  one slot more per token than it did just below.
 - Seconds per token = max(disk, memory, compute), since the window overlaps reading with
   computing: disk = streamed bytes / disk bandwidth; memory = (weights read + streamed
   bytes written + the KV cache read at the end of the context) / memory bandwidth;
@@ -82,15 +85,17 @@ DEFAULT_OVERHEAD = Memory(240 << 20)
 # What loading adds to a process that has opened its model (imported edgert, parsed the
 # metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
 # packed, allocator slack, the CLI. Measured (peak during load and decode) minus (resident
-# set once the model is opened): 60-85 MiB for the three real models through the CLI.
+# set once the model is opened, heap trimmed): 44-55 MiB for the three real models through
+# the CLI at context 256; the 7B at 1.5 GB peaked 107 MiB under its plan, 27 MiB of it KV
+# cache not yet written.
 LOAD_MARGIN = Memory(96 << 20)
 
 
 def measured_overhead() -> Memory:
     """The runtime's share of a budget for this process, measured instead of guessed: what it
-    holds now (interpreter, libraries, tokenizer: 140-190 MiB for the real models, most of
-    the spread being the tokenizer) plus LOAD_MARGIN. Call it after the model is opened and
-    before it is built."""
+    holds now on a trimmed heap (interpreter, libraries, tokenizer: 124-161 MiB for the real
+    models and the 7B, most of the spread being the tokenizer) plus LOAD_MARGIN. Call it
+    after the model is opened and before it is built."""
     import psutil
 
     release_free_heap()
@@ -242,7 +247,8 @@ def plan(
         pinned = _fill(movable, must, (budget - fixed).bytes - pools * depth * cap)
         if pools == 1 and depth > LEAN_WINDOW:  # one slot fewer, where the reader still never idles
             lean = _fill(movable, must, (budget - fixed).bytes - LEAN_WINDOW * cap)
-            if _resident_run_reads(movable, lean, profile) <= LEAN_WINDOW * cap:
+            lean_slot = max((size[u.name] for u in movable if u not in lean), default=0)
+            if _resident_run_reads(movable, lean, profile) <= LEAN_WINDOW * lean_slot:
                 depth, pinned = LEAN_WINDOW, lean
         streamed = [u for u in movable if u not in pinned]
         slot = max((size[u.name] for u in streamed), default=0)
@@ -278,7 +284,7 @@ def plan(
         used = used + Memory(slot * (window + expert_slots - pools * depth))
 
     streamed_tok = sum(read(u) for u in streamed) + sum(u.token_bytes for u in on_demand)
-    read_tok = sum(u.resident_bytes * u.per_token for u in units)
+    read_tok = sum(read(u) if u in streamed else u.resident_bytes * u.per_token for u in units)
     seconds = predict(streamed_tok, read_tok, kv_bytes_per_token * context, profile)
     bottleneck = max(seconds, key=seconds.get)
     order = {u.name: i for i, u in enumerate(units)}

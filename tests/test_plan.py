@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REAL_MODELS, TINY, cache_dir
-from edgert.offload.memory import Memory
+from edgert.offload.memory import Memory, _malloc_trim
 from edgert.offload.plan import (
     DEFAULT_OVERHEAD,
     GOOD_WINDOW,
@@ -31,6 +31,7 @@ from edgert.offload.profile import (
 )
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
+from edgert.quant.pack import HAVE_VNNI
 
 from edgert.errors import BudgetError, FormatError
 from edgert.loader import open_source
@@ -73,6 +74,7 @@ def test_memory_arithmetic_and_format():
         b - a  # sizes are never negative
 
 
+@pytest.mark.skipif(_malloc_trim() is None, reason="malloc_trim is glibc's")
 def test_release_free_heap_returns_freed_memory():
     """What a process freed but the allocator kept (opening a model frees its tokenizer's
     transient strings) leaves the resident set that the budget's overhead is measured from.
@@ -152,7 +154,8 @@ def test_unit_resident_bytes_are_what_loading_holds(real_model):
     a = src.args
     half = Shard(range(0, 1), range(a.ffn_dim // 2), range(0), range(0))
     for shard in (None, half):
-        us = [u for u in units(src.store, a, shard) if u.layer in (0, 3) or u.name == "head.0"]
+        us = [u for u in units(src.store, a, shard) if u.layer in (0, 3) or (u.rows or (1,))[0] == 0]
+        assert any(u.rows for u in us)  # the first row chunk of the (tied) head
         for u in us:
             held = 0
             for r in u.parts:
@@ -161,7 +164,7 @@ def test_unit_resident_bytes_are_what_loading_holds(real_model):
                     held += src.store.f32(ref.name).nbytes
                     continue
                 raw = src.store.raw(ref)
-                if u.rows:  # a head chunk
+                if u.rows is not None:  # a head chunk
                     raw = raw[u.rows[0] : u.rows[1]]
                 elif shard is not None and r.name.endswith(("ffn_down.weight", "attn_output.weight")):
                     k = a.head_dim * a.n_heads // a.n_kv_heads if "attn" in r.name else a.ffn_dim // 2
@@ -170,7 +173,8 @@ def test_unit_resident_bytes_are_what_loading_holds(real_model):
                     raw = raw[: r.n_rows]
                 held += pack(raw, ref.qtype).data.nbytes
             assert u.resident_bytes == held, (u.name, shard)
-        assert any(u.resident_bytes > u.nbytes for u in us)  # the records' wider scales
+        if HAVE_VNNI:  # elsewhere pack keeps the raw rows
+            assert any(u.resident_bytes > u.nbytes for u in us)  # the records' wider scales
 
 
 def test_units_merge_reads(real_model):

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,19 +103,22 @@ def test_read_seconds_include_the_read_in_flight(tmp_path, monkeypatch):
     from edgert.offload import stream
 
     path, _ = _file(tmp_path)
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     fill = stream.UnitReader.fill
 
     def slow_fill(self, lay, slot):
+        started.set()
         release.wait(5)
         return fill(self, lay, slot)
 
     monkeypatch.setattr(stream.UnitReader, "fill", slow_fill)
     s = Streamer(_units(path, SPANS), 2, direct=False)
     try:
+        assert started.wait(5)  # a read is in flight from here on
+        t0 = time.perf_counter()
         threading.Event().wait(0.1)
         assert s.stats.read_seconds == 0.0  # nothing has landed yet
-        assert s.snapshot().read_seconds >= 0.09
+        assert s.snapshot().read_seconds >= time.perf_counter() - t0 - 0.01 >= 0.09
         release.set()
         s.acquire("u0")  # the readers go on to the next units: the disk may never go idle
         assert s.snapshot().read_seconds > 0.09 and s.snapshot().bytes_read > 0
