@@ -233,7 +233,11 @@ def plan(
     minimum = None
     slot_size: Callable[[Unit], int] = packed_file.slot_bytes if packed else slot_bytes
     size = {u.name: slot_size(u) for u in movable}  # a unit's slot, with its reads' alignment
-    read = _packed_read if packed else (lambda u: u.token_bytes)  # bytes a streamed unit reads per token
+    reads = {u.name: _packed_read(u) if packed else u.token_bytes for u in movable}  # per token, streamed
+
+    def slot_for(pinned) -> int:  # the slot the units left to stream need
+        return max((size[u.name] for u in movable if u not in pinned), default=0)
+
     pools = 2 if any(u.kind == "expert" for u in movable) else 1  # the window, the expert cache
     for cap in sorted({0, *size.values()}):
         must = [u for u in movable if size[u.name] > cap]
@@ -247,16 +251,15 @@ def plan(
         pinned = _fill(movable, must, (budget - fixed).bytes - pools * depth * cap)
         if pools == 1 and depth > LEAN_WINDOW:  # one slot fewer, where the reader still never idles
             lean = _fill(movable, must, (budget - fixed).bytes - LEAN_WINDOW * cap)
-            lean_slot = max((size[u.name] for u in movable if u not in lean), default=0)
-            if _resident_run_reads(movable, lean, profile) <= LEAN_WINDOW * lean_slot:
+            if _resident_run_reads(movable, lean, profile) <= LEAN_WINDOW * slot_for(lean):
                 depth, pinned = LEAN_WINDOW, lean
         streamed = [u for u in movable if u not in pinned]
-        slot = max((size[u.name] for u in streamed), default=0)
+        slot = slot_for(pinned)
         depth = min(depth, max(MIN_WINDOW, len(streamed)))
         used = fixed + Memory(
             sum(u.resident_bytes for u in pinned) + (pools * depth * slot if streamed else 0)
         )
-        cost = sum(read(u) for u in streamed)
+        cost = sum(reads[u.name] for u in streamed)
         if best is None or (cost, used) < (best[0], best[1]):
             best = (cost, used, pinned, slot, depth)
     if best is None:
@@ -283,8 +286,9 @@ def plan(
             expert_slots = min(max(depth, experts), (pools * depth if not dense else depth) + extra)
         used = used + Memory(slot * (window + expert_slots - pools * depth))
 
-    streamed_tok = sum(read(u) for u in streamed) + sum(u.token_bytes for u in on_demand)
-    read_tok = sum(read(u) if u in streamed else u.resident_bytes * u.per_token for u in units)
+    streamed_tok = sum(reads[u.name] for u in streamed) + sum(u.token_bytes for u in on_demand)
+    streaming = {u.name for u in streamed}
+    read_tok = sum(reads[u.name] if u.name in streaming else u.resident_bytes * u.per_token for u in units)
     seconds = predict(streamed_tok, read_tok, kv_bytes_per_token * context, profile)
     bottleneck = max(seconds, key=seconds.get)
     order = {u.name: i for i, u in enumerate(units)}
@@ -336,14 +340,10 @@ def _packed_read(u: Unit) -> float:
 def _resident_run_reads(movable: list[Unit], pinned: set[Unit], profile: DeviceProfile) -> float:
     """Bytes the disk reads while the kernels go through the longest run of resident units in
     the ring's cyclic order (the head's run continues into the first layers of the next token)."""
-    runs, run = [], 0
+    longest = run = 0
     for u in movable * 2:  # twice round: a run may wrap
-        if u in pinned:
-            run += u.resident_bytes
-        else:
-            runs.append(run)
-            run = 0
-    longest = max(runs, default=run)  # no streamed unit: the ring does not exist
+        run = run + u.resident_bytes if u in pinned else 0
+        longest = max(longest, run)
     return longest * profile.disk_read_bps / profile.kernel_bps
 
 

@@ -29,6 +29,7 @@ import bisect
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
@@ -91,7 +92,7 @@ class Unit:
         """Bytes the unit's reads cover: nbytes plus any alignment padding merged in."""
         return sum(r.total for r in self.ranges)
 
-    @property
+    @cached_property  # the planner asks for it many times over
     def resident_bytes(self) -> int:
         """Bytes the unit holds once loaded resident: its matrices repacked into the kernels'
         records where their type has them (`edgert.quant.pack`), vectors as float32 copies.
