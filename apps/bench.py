@@ -80,7 +80,8 @@ def bench(
     threads: Annotated[int | None, typer.Option("-t", "--threads", help="Default: all cores.", min=1)] = None,
     ctx: Annotated[int, typer.Option("-c", "--ctx", help="Context length, both systems.", min=16)] = 4096,
     repeat: Annotated[
-        int | None, typer.Option("--repeat", help="Runs per system (default 3; 1 with --quick).", min=1)
+        int | None,
+        typer.Option("--repeat", help="Runs per system (default 3; 1 with --quick or a budget).", min=1),
     ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the results here.")] = None,
     vs: Annotated[str | None, typer.Option("--vs", help="Compare with: llama.cpp.")] = None,
@@ -118,7 +119,8 @@ def bench(
     if vs is not None and vs.lower() not in ("llama.cpp", "llama-cpp", "llamacpp"):
         raise typer.BadParameter(f"{vs}: the only system to compare with is llama.cpp", param_hint="--vs")
     if memory_budget:
-        _bench_stream(model, memory_budget, threads, ctx, decode_tokens, vs, llama_python, json_out)
+        rounds = repeat or 1
+        _bench_stream(model, memory_budget, threads, ctx, decode_tokens, vs, llama_python, json_out, rounds)
         return
     cfg = BenchConfig(
         model=model,
@@ -150,7 +152,7 @@ def bench(
         json_out.write_text(json.dumps(res.to_dict(), indent=1) + "\n")
 
 
-def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python, json_out) -> None:
+def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python, json_out, repeat) -> None:
     from edgert.apps.plan import parse_budget
 
     from edgert import loader
@@ -169,6 +171,7 @@ def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python,
             llama_python=llama_python,
             vs_llama=vs is not None,
             progress=lambda m: (sys.stderr.write(f"bench: {m}\n"), sys.stderr.flush()),
+            repeat=repeat,
         )
     except BenchError as e:
         raise EdgertError(str(e)) from None

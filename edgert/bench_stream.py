@@ -4,7 +4,9 @@ budget, so that the page cache counts against it as it would on a device with th
 RAM. Before each run the page cache is dropped. The disk limit (bytes edgert streams per
 token / cold read bandwidth) is measured in the same run, right before each edgert run, by
 reading the whole model file with O_DIRECT requests as the streamer makes them (the better
-of one and two in flight).
+of one and two in flight). With `repeat` > 1 the two systems alternate, round after round
+(which goes first alternates too), and the table gives medians with their range: a virtual
+disk's speed and llama.cpp's drift by 10% between runs.
 
 Needs root and a writable memory cgroup hierarchy (v1 or v2) and /proc/sys/vm/drop_caches;
 without them it refuses with the reason, since a number measured without the limit would
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA = "edgert-bench-stream/1"
+SCHEMA = "edgert-bench-stream/2"  # /2: runs repeat (StreamRun.round)
 V1 = Path("/sys/fs/cgroup/memory")
 V2 = Path("/sys/fs/cgroup")
 
@@ -155,6 +157,7 @@ class StreamRun:
     disk_bps: float = 0.0  # cold read bandwidth measured just before this run (edgert's runs)
     plan: dict = field(default_factory=dict)
     error: str = ""
+    round: int = 0  # which repetition (0-based); a round runs each system once
 
 
 @dataclass
@@ -187,9 +190,11 @@ def run_stream_bench(
     vs_llama: bool = True,
     timeout_s: float = 600.0,
     progress: Callable[[str], None] | None = None,
+    repeat: int = 1,
 ) -> StreamBench:
-    """For each budget: edgert with that budget, then llama.cpp (mmap), each in a fresh cgroup
-    limited to the budget, the page cache dropped before each.
+    """For each budget, `repeat` rounds of edgert with that budget and llama.cpp (mmap), in
+    alternating order, each in a fresh cgroup limited to the budget, the page cache dropped
+    before each.
 
     Raises:
         BenchError: no cgroup or drop_caches (not root), or llama.cpp is missing.
@@ -209,18 +214,20 @@ def run_stream_bench(
     buffered_bps, _ = cold_read_bandwidth(path, direct=False, limit=1 << 30)
     disk_bps = disk_bandwidth(path)
     runs = []
+    systems = [("edgert", sys.executable)] + ([("llama.cpp", py)] if py else [])
     for b in budgets:
-        systems = [("edgert", sys.executable)] + ([("llama.cpp", py)] if py else [])
-        for name, python in systems:
-            bps = 0.0
-            if name == "edgert":
-                say(f"cold read bandwidth before edgert at {b / 2**30:.2f} GiB")
-                bps = disk_bandwidth(path)
-                disk_bps = max(disk_bps, bps)
-            say(f"{name} at {b / 2**30:.2f} GiB")
-            run = _run_in_cgroup(python, {**spec, "system": name, "budget": b}, b, timeout_s)
-            run.disk_bps = bps
-            runs.append(run)
+        for rnd in range(repeat):
+            for name, python in systems[:: -1 if rnd % 2 else 1]:
+                bps = 0.0
+                if name == "edgert":
+                    say(f"cold read bandwidth before edgert at {b / 2**30:.2f} GiB")
+                    bps = disk_bandwidth(path)
+                    disk_bps = max(disk_bps, bps)
+                of = f", round {rnd + 1} of {repeat}" if repeat > 1 else ""
+                say(f"{name} at {b / 2**30:.2f} GiB{of}")
+                run = _run_in_cgroup(python, {**spec, "system": name, "budget": b}, b, timeout_s)
+                run.disk_bps, run.round = bps, rnd
+                runs.append(run)
     # A virtual disk's backing store caches too, so "cold" varies over a run: the limit is the
     # best of the whole-file reads before the runs and after.
     say("cold read bandwidth again (O_DIRECT, whole file)")
@@ -322,16 +329,21 @@ def _llama_worker(spec: dict) -> dict:
 
 
 def format_stream_table(res: StreamBench) -> str:
-    """The benchmark as a Markdown table, one row per budget."""
+    """The benchmark as a Markdown table, one row per budget. With several rounds a figure is
+    the median of the runs that finished, with their range in brackets; the ratio to
+    llama.cpp is of the medians, its range that of the rounds' own ratios. Peak memory is the
+    highest of the runs, OOM kills their sum: the budget must hold in every run."""
     from edgert.bench import LLAMA_NOTE
 
-    by = {}
+    by: dict[int, dict[str, list[StreamRun]]] = {}
     for r in res.runs:
-        by.setdefault(r.budget, {})[r.system] = r
+        by.setdefault(r.budget, {}).setdefault(r.system, []).append(r)
+    rounds = max((r.round for r in res.runs), default=0) + 1
     lines = [
         f"model {Path(res.model).name} ({res.model_bytes / 2**30:.2f} GiB), ctx {res.ctx}, "
         f"{res.threads} threads; cold read bandwidth with O_DIRECT (whole file, the better of 1 and 2 "
-        f"reads in flight) {_gbs(res)}; buffered {res.buffered_bps / 1e9:.2f} GB/s (first GiB)",
+        f"reads in flight) {_gbs(res)}; buffered {res.buffered_bps / 1e9:.2f} GB/s (first GiB)"
+        + (f"; {rounds} rounds per budget, medians (range)" if rounds > 1 else ""),
         "",
         "| budget | edgert tok/s | llama.cpp tok/s | edgert / llama.cpp | streamed per token | "
         "disk read before the run | disk limit tok/s | edgert / disk limit | edgert's reads (busy) | "
@@ -339,26 +351,60 @@ def format_stream_table(res: StreamBench) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b, s in sorted(by.items()):
-        e, ll = s.get("edgert"), s.get("llama.cpp")
-
-        def tps(r):
-            if r is None:
-                return "–"
-            return f"{r.decode_tps:.3f}" if not r.error else f"failed: {r.error[:60]}"
-
-        ratio = f"{e.decode_tps / ll.decode_tps:.2f}×" if e and ll and ll.decode_tps and not e.error else "–"
-        lim = res.disk_limit_tps(e) if e else 0.0
-        lines.append(
-            f"| {b / 2**30:.2f} GiB | {tps(e)} | {tps(ll)} | {ratio} | "
-            f"{e.bytes_per_token / 2**20:.0f} MiB | {(e.disk_bps or res.disk_bps) / 1e9:.2f} GB/s | "
-            f"{lim:.3f} | "
-            f"{(e.decode_tps / lim if lim else 0):.0%} | {_reads(e)} | {e.io_wait_per_token * 1000:.0f} ms | "
-            f"{e.peak_rss / 2**20:.0f} MiB | {e.cgroup_peak / 2**20:.0f} MiB | "
-            f"{e.oom_kills} / {ll.oom_kills if ll else '–'} |"
-        )
+        es, ls = s.get("edgert", []), s.get("llama.cpp", [])
+        eok, lok = [r for r in es if not r.error], [r for r in ls if not r.error]
+        mid = sorted(eok, key=lambda r: r.decode_tps)[(len(eok) - 1) // 2] if eok else None
+        e_tps, l_tps = _median([r.decode_tps for r in eok]), _median([r.decode_tps for r in lok])
+        pairs = [(e, ll) for e in eok for ll in lok if e.round == ll.round and ll.decode_tps]
+        each = [e.decode_tps / ll.decode_tps for e, ll in pairs]
+        ratio = _fig(each, "{:.2f}×", e_tps / l_tps if e_tps and l_tps else None)
+        limits = [res.disk_limit_tps(r) for r in eok]
+        cells = [
+            f"{b / 2**30:.2f} GiB",
+            _tps(es),
+            _tps(ls),
+            ratio,
+            _fig([r.bytes_per_token / 2**20 for r in eok], "{:.0f} MiB"),
+            _fig([(r.disk_bps or res.disk_bps) / 1e9 for r in eok], "{:.2f} GB/s"),
+            _fig(limits, "{:.3f}"),
+            _fig([r.decode_tps / lim for r, lim in zip(eok, limits, strict=True) if lim], "{:.0%}"),
+            _reads(mid) if mid else "–",
+            _fig([r.io_wait_per_token * 1000 for r in eok], "{:.0f} ms"),
+            f"{max(r.peak_rss for r in es) / 2**20:.0f} MiB" if es else "–",
+            f"{max(r.cgroup_peak for r in es) / 2**20:.0f} MiB" if es else "–",
+            f"{sum(r.oom_kills for r in es)} / {sum(r.oom_kills for r in ls) if ls else '–'}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"llama.cpp: use_mmap=True; {LLAMA_NOTE}")
     return "\n".join(lines)
+
+
+def _median(xs: list[float]) -> float | None:
+    import statistics
+
+    return statistics.median(xs) if xs else None
+
+
+def _fig(xs: list[float], fmt: str, value: float | None = None) -> str:
+    """`value` (default: the median of xs) in `fmt`, with the range of xs where it has one."""
+    value = _median(xs) if value is None else value
+    if value is None:
+        return "–"
+    lo, hi = fmt.format(min(xs, default=value)), fmt.format(max(xs, default=value))
+    return fmt.format(value) if lo == hi else f"{fmt.format(value)} ({lo}–{hi})"
+
+
+def _tps(runs: list[StreamRun]) -> str:
+    """A system's decode tok/s: the median of its finished runs, or why none finished."""
+    if not runs:
+        return "–"
+    ok = [r.decode_tps for r in runs if not r.error]
+    failed = [r for r in runs if r.error]
+    if not ok:
+        return f"failed: {failed[0].error[:60]}"
+    cell = _fig(ok, "{:.3f}")
+    return cell + (f", {len(failed)} of {len(runs)} failed: {failed[0].error[:60]}" if failed else "")
 
 
 def _reads(run: StreamRun) -> str:

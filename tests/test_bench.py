@@ -86,7 +86,38 @@ def test_stream_table():
     )
     assert "| 1.00 GiB | 0.200 | failed" in table and "| 1.40 GB/s | 0.400 | 50% |" in table
     assert "failed: no result within 600 s" in table and "| 0 / 1 |" in table
-    assert res.to_dict()["schema"] == "edgert-bench-stream/1"
+    assert res.to_dict()["schema"] == "edgert-bench-stream/2"
+
+
+def test_stream_table_over_rounds():
+    """Several rounds: medians with their range, the ratio of the medians beside the range of
+    the rounds' own ratios, the highest peak and every OOM kill; a failed run is left out of
+    the medians and said."""
+    from edgert.bench_stream import StreamBench, StreamRun, format_stream_table
+
+    def run(system, tps, rnd, **kw):
+        r = StreamRun(system, 3 << 29, tps, 8, 8 / tps if tps else 600.0, 1300 << 20, 1430 << 20, 0, **kw)
+        r.round = rnd
+        return r
+
+    e = [run("edgert", t, i, bytes_per_token=3300 * 2**20) for i, t in enumerate((0.50, 0.56, 0.52))]
+    for r, bps in zip(e, (1.8e9, 2.0e9, 1.9e9), strict=True):
+        r.disk_bps = bps
+    e[1].peak_rss = 1350 << 20
+    ll = [run("llama.cpp", t, i) for i, t in enumerate((0.25, 0.29, 0.26))]
+    ll[2].oom_kills = 1
+    late = run("edgert", 0.0, 3, error="exited with status 1")
+    res = StreamBench(
+        "/m/7b.gguf", 4_680_000_000, 512, 2, 2.0e9, 0.2e9, [e[0], ll[0], ll[1], e[1], e[2], ll[2], late]
+    )
+    row = next(line for line in format_stream_table(res).splitlines() if line.startswith("| 1.50 GiB"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "0.520 (0.500–0.560), 1 of 4 failed: exited with status 1"
+    assert cells[2] == "0.260 (0.250–0.290)"
+    assert cells[3] == "2.00× (1.93×–2.00×)"  # 0.52 / 0.26, and the rounds' 0.50/0.25, 0.56/0.29, 0.52/0.26
+    assert cells[4] == "3300 MiB"  # no range where every run agrees
+    assert cells[5] == "1.90 GB/s (1.80 GB/s–2.00 GB/s)"
+    assert cells[10:] == ["1350 MiB", "1430 MiB", "0 / 1"]
 
 
 def test_worker_result_failure_and_timeout():
