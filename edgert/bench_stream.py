@@ -215,19 +215,22 @@ def run_stream_bench(
     disk_bps = disk_bandwidth(path)
     runs = []
     systems = [("edgert", sys.executable)] + ([("llama.cpp", py)] if py else [])
+    turn = 0  # which system goes first alternates over every round of every budget
     for b in budgets:
         for rnd in range(repeat):
-            for name, python in systems[:: -1 if rnd % 2 else 1]:
-                bps = 0.0
-                if name == "edgert":
-                    say(f"cold read bandwidth before edgert at {b / 2**30:.2f} GiB")
-                    bps = disk_bandwidth(path)
-                    disk_bps = max(disk_bps, bps)
-                of = f", round {rnd + 1} of {repeat}" if repeat > 1 else ""
+            of = f", round {rnd + 1} of {repeat}" if repeat > 1 else ""
+            # once per round, before either system: the whole-file read may leave the model
+            # file in a virtual disk's host cache, and llama.cpp maps that file
+            say(f"cold read bandwidth before the runs at {b / 2**30:.2f} GiB{of}")
+            bps = disk_bandwidth(path)
+            disk_bps = max(disk_bps, bps)
+            for name, python in systems[:: -1 if turn % 2 else 1]:
                 say(f"{name} at {b / 2**30:.2f} GiB{of}")
                 run = _run_in_cgroup(python, {**spec, "system": name, "budget": b}, b, timeout_s)
-                run.disk_bps, run.round = bps, rnd
+                run.disk_bps = bps if name == "edgert" else 0.0
+                run.round = rnd
                 runs.append(run)
+            turn += 1
     # A virtual disk's backing store caches too, so "cold" varies over a run: the limit is the
     # best of the whole-file reads before the runs and after.
     say("cold read bandwidth again (O_DIRECT, whole file)")
@@ -331,8 +334,10 @@ def _llama_worker(spec: dict) -> dict:
 def format_stream_table(res: StreamBench) -> str:
     """The benchmark as a Markdown table, one row per budget. With several rounds a figure is
     the median of the runs that finished, with their range in brackets; the ratio to
-    llama.cpp is of the medians, its range that of the rounds' own ratios. Peak memory is the
-    highest of the runs, OOM kills their sum: the budget must hold in every run."""
+    llama.cpp is that of the two systems' medians over the rounds where both finished (so it
+    lies within the rounds' own ratios, which give its range). The readers' cell is the
+    median run's (the lower of the middle two for an even count). Peak memory is the highest
+    of the runs that reported one, OOM kills their sum: the budget must hold in every run."""
     from edgert.bench import LLAMA_NOTE
 
     by: dict[int, dict[str, list[StreamRun]]] = {}
@@ -354,10 +359,11 @@ def format_stream_table(res: StreamBench) -> str:
         es, ls = s.get("edgert", []), s.get("llama.cpp", [])
         eok, lok = [r for r in es if not r.error], [r for r in ls if not r.error]
         mid = sorted(eok, key=lambda r: r.decode_tps)[(len(eok) - 1) // 2] if eok else None
-        e_tps, l_tps = _median([r.decode_tps for r in eok]), _median([r.decode_tps for r in lok])
         pairs = [(e, ll) for e in eok for ll in lok if e.round == ll.round and ll.decode_tps]
         each = [e.decode_tps / ll.decode_tps for e, ll in pairs]
-        ratio = _fig(each, "{:.2f}×", e_tps / l_tps if e_tps and l_tps else None)
+        e_tps, l_tps = _median([e.decode_tps for e, _ in pairs]), _median([ll.decode_tps for _, ll in pairs])
+        ratio = _fig(each, "{:.2f}×", e_tps / l_tps) if pairs else "–"
+        peaks = [r.peak_rss for r in es if r.peak_rss >= 0]
         limits = [res.disk_limit_tps(r) for r in eok]
         cells = [
             f"{b / 2**30:.2f} GiB",
@@ -370,7 +376,7 @@ def format_stream_table(res: StreamBench) -> str:
             _fig([r.decode_tps / lim for r, lim in zip(eok, limits, strict=True) if lim], "{:.0%}"),
             _reads(mid) if mid else "–",
             _fig([r.io_wait_per_token * 1000 for r in eok], "{:.0f} ms"),
-            f"{max(r.peak_rss for r in es) / 2**20:.0f} MiB" if es else "–",
+            f"{max(peaks) / 2**20:.0f} MiB" if peaks else "–",
             f"{max(r.cgroup_peak for r in es) / 2**20:.0f} MiB" if es else "–",
             f"{sum(r.oom_kills for r in es)} / {sum(r.oom_kills for r in ls) if ls else '–'}",
         ]

@@ -107,6 +107,7 @@ def test_stream_table_over_rounds():
     ll = [run("llama.cpp", t, i) for i, t in enumerate((0.25, 0.29, 0.26))]
     ll[2].oom_kills = 1
     late = run("edgert", 0.0, 3, error="exited with status 1")
+    late.peak_rss = -1  # killed: no figure of its own
     res = StreamBench(
         "/m/7b.gguf", 4_680_000_000, 512, 2, 2.0e9, 0.2e9, [e[0], ll[0], ll[1], e[1], e[2], ll[2], late]
     )
@@ -118,6 +119,69 @@ def test_stream_table_over_rounds():
     assert cells[4] == "3300 MiB"  # no range where every run agrees
     assert cells[5] == "1.90 GB/s (1.80 GB/s–2.00 GB/s)"
     assert cells[10:] == ["1350 MiB", "1430 MiB", "0 / 1"]
+
+
+def test_stream_ratio_counts_only_rounds_both_finished():
+    """A round where one system failed has no ratio: the value is that of the medians over the
+    rounds both finished, so it stays within their range; with no such round there is none."""
+    from edgert.bench_stream import StreamBench, StreamRun, format_stream_table
+
+    def run(system, tps, rnd, error=""):
+        r = StreamRun(system, 1 << 30, tps, 8, 8.0, 900 << 20, 1 << 30, 0, bytes_per_token=2e9, error=error)
+        r.round = rnd
+        return r
+
+    def ratio(runs):
+        table = format_stream_table(StreamBench("/m/7b.gguf", 4_680_000_000, 512, 2, 2.0e9, 0.2e9, runs))
+        row = next(line for line in table.splitlines() if line.startswith("| 1.00 GiB"))
+        return row.split("|")[4].strip()
+
+    killed = run("llama.cpp", 0.0, 1, error="killed")
+    runs = [run("edgert", 0.50, 0), run("llama.cpp", 0.25, 0), run("edgert", 0.90, 1), killed]
+    runs += [run("edgert", 0.55, 2), run("llama.cpp", 0.26, 2)]
+    assert ratio(runs) == "2.06× (2.00×–2.12×)"  # 0.525 / 0.255; the 0.90 run has no partner
+    lone = [run("edgert", 0.5, 0), killed, run("edgert", 0.5, 1, error="killed"), run("llama.cpp", 0.25, 1)]
+    lone[1] = run("llama.cpp", 0.0, 0, error="killed")
+    assert ratio(lone) == "–"
+
+
+def test_stream_bench_alternates_and_measures_each_round(monkeypatch):
+    """Which system goes first alternates over every round of every budget, and the disk is
+    measured once per round, before either system runs; without --vs only edgert runs."""
+    import edgert.bench
+    from edgert import bench_stream as bs
+
+    log = []
+
+    class NoCgroup:
+        def __init__(self, *a):
+            pass
+
+        def remove(self):
+            pass
+
+    def fake_run(python, spec, budget, timeout_s):
+        log.append((spec["system"][0], budget))
+        return bs.StreamRun(spec["system"], budget, 1.0, 8, 8.0, 1, 1, 0)
+
+    monkeypatch.setattr(bs, "MemoryCgroup", NoCgroup)
+    monkeypatch.setattr(bs, "drop_caches", lambda: None)
+    monkeypatch.setattr(bs, "cold_read_bandwidth", lambda *a, **k: (1e9, 0))
+    monkeypatch.setattr(bs, "disk_bandwidth", lambda path: log.append("disk") or 2e9)
+    monkeypatch.setattr(bs, "_run_in_cgroup", fake_run)
+    monkeypatch.setattr(edgert.bench, "find_llama_python", lambda p: "python-with-llama")
+    model = str(TINY / "llama")
+    res = bs.run_stream_bench(model, [1, 2], 2, repeat=3, llama_python="x")
+    body = log[1:-1]  # a whole-file read before the runs and after them
+    assert body == [
+        *["disk", ("e", 1), ("l", 1), "disk", ("l", 1), ("e", 1), "disk", ("e", 1), ("l", 1)],
+        *["disk", ("l", 2), ("e", 2), "disk", ("e", 2), ("l", 2), "disk", ("l", 2), ("e", 2)],
+    ]
+    assert [r.round for r in res.runs if r.system == "edgert"] == [0, 1, 2, 0, 1, 2]
+    assert all((r.disk_bps > 0) == (r.system == "edgert") for r in res.runs)
+    log.clear()
+    bs.run_stream_bench(model, [1], 2, repeat=2, vs_llama=False)
+    assert log[1:-1] == ["disk", ("e", 1), "disk", ("e", 1)]
 
 
 def test_worker_result_failure_and_timeout():
