@@ -206,24 +206,15 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
 
 def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     """Split the output head (a tied embedding is the head) into row chunks no larger than
-    the smallest of the layers' largest units (leaving out layers under half the largest: a
-    pruned layer would only multiply the chunks). Its rows are independent (each gives some
-    of the logits), and a 262k-token vocabulary's head is most of a small model: whole, it
-    would set every slot's size, or have to be pinned. Chunks that size do not set the slots'
-    size either (to within a 16-row group, and a raw read's alignment): a Q4_K_M file's Q6_K
-    ffn_down (half its layers, 53 MiB in a 7B, against 36 MiB for every other projection)
-    can be pinned to shrink the slots by a third, and chunks as large as those would then
-    have to be pinned too."""
+    the largest layer unit. Its rows are independent (each gives some of the logits), and a
+    262k-token vocabulary's head is most of a small model: whole, it would set every slot's
+    size, or have to be pinned."""
     key = ("embedding", None, None, "") if tied else ("head", None, None, "")
     refs = groups.get(key, [])
-    largest: dict[int, int] = {}  # layer -> its largest unit
-    for u in out:
-        if u.layer is not None:
-            largest[u.layer] = max(largest.get(u.layer, 0), u.nbytes)
-    if len(refs) != 1 or not largest or isinstance(refs[0], _Strided):
+    layer = [u.nbytes for u in out if u.layer is not None]
+    if len(refs) != 1 or not layer or isinstance(refs[0], _Strided):
         return out
-    ref, top = refs[0], max(largest.values())
-    limit = min(n for n in largest.values() if 2 * n >= top)
+    ref, limit = refs[0], max(layer)
     if ref.nbytes <= limit:
         return out
     step = max(16, limit // ref.row_bytes // 16 * 16)  # whole 16-row groups of the packed layout
