@@ -85,9 +85,10 @@ DEFAULT_OVERHEAD = Memory(240 << 20)
 # What loading adds to a process that has opened its model (imported edgert, parsed the
 # metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
 # packed, allocator slack, the CLI. Measured (peak during load and decode) minus (resident
-# set once the model is opened, heap trimmed): 44-55 MiB for the three real models through
-# the CLI at context 256; the 7B at 1.5 GB peaked 107 MiB under its plan, 27 MiB of it KV
-# cache not yet written.
+# set once the model is opened, heap trimmed) minus the plan's allocations, with the
+# context filled so that the KV cache is all written: 43-60 MiB for the three real models
+# and the 7B (Gemma 3's four block types the most), 28-29 MiB of it libllvmlite's pages
+# that loading the cached kernels touches.
 LOAD_MARGIN = Memory(96 << 20)
 
 
