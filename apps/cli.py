@@ -42,6 +42,13 @@ Profile = Annotated[
     typer.Option("--profile", help="Device profile for the memory plan's prediction (name or TOML)."),
 ]
 KvBits = Annotated[int, typer.Option("--kv-bits", help="KV cache: 16 (fp16), 8, or 4 (KIVI).")]
+Parity = Annotated[
+    bool,
+    typer.Option(
+        "--llama-parity",
+        help="Compute as llama.cpp does, bit for bit for blocks-of-32 weights; prompts run slower.",
+    ),
+]
 
 
 def _cache_dir() -> Path | None:
@@ -79,6 +86,7 @@ def _load(
     kv_bits: int = 16,
     memory_budget: str | None = None,
     profile=None,
+    llama_parity: bool = False,
 ):
     from edgert.quant.kv import check_kv_bits
 
@@ -101,6 +109,7 @@ def _load(
         cache_dir=_cache_dir(),
         pack_stream=plan_cmd.pack_stream(),
         progress=_progress(),
+        llama_parity=llama_parity,
     )
 
 
@@ -137,9 +146,10 @@ def run(
     memory_budget: Budget = None,
     profile: Profile = None,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print the memory plan too.")] = False,
+    llama_parity: Parity = False,
 ) -> None:
     """Complete a prompt. Only the generated text goes to stdout; statistics go to stderr."""
-    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile)
+    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile, llama_parity)
     if verbose and llm.model.plan is not None:
         typer.echo(plan_cmd.plan_summary(llm.model.plan), err=True)
     opts = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
@@ -168,6 +178,7 @@ def chat(
     memory_budget: Budget = None,
     profile: Profile = None,
     kv_bits: KvBits = 16,
+    llama_parity: Parity = False,
 ) -> None:
     """Chat with a model. /reset clears the conversation, /stats shows speed, /exit quits.
 
@@ -175,7 +186,7 @@ def chat(
     """
     import edgert
 
-    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile)
+    llm = _load(model, ctx, threads, kv_bits, memory_budget, profile, llama_parity)
     tty = sys.stdin.isatty()
     opts = dict(
         max_tokens=max_tokens,

@@ -26,6 +26,7 @@ class LLM:
         cache_dir: Path | None = None,
         pack_stream: bool = True,
         progress=None,
+        llama_parity: bool = False,
     ):
         self.source = source
         self.model = loader.build(
@@ -38,6 +39,7 @@ class LLM:
             pack_stream=pack_stream,
             progress=progress,
             kv_bits=kv_bits,
+            llama_parity=llama_parity,
         )
         self.tokenizer = source.tokenizer
         self.session = Session(self.model, self.tokenizer)
@@ -131,6 +133,7 @@ def load(
     profile: str | None = None,
     kv_bits: int = 16,
     pack_stream: bool = True,
+    llama_parity: bool = False,
 ) -> LLM:
     """Load a model: a .gguf file, an HF safetensors folder, or a known name (pulled on first use).
 
@@ -147,6 +150,9 @@ def load(
         progress: called as progress(what, done, total) while pulling or packing.
         pack_stream: streamed weights are read from a packed copy in the cache, written on
             first use, so they run on the fast kernels; False reads the model file's blocks.
+        llama_parity: sum blocks-of-32 matmuls (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in ggml's float
+            order too, so that such models compute llama.cpp's activations bit for bit (x86,
+            AVX-512 VNNI); prompts run at about half speed, decoding as fast.
     Raises:
         FormatError, UnsupportedError, ModelNotFoundError, DownloadError, OptionError (kv_bits);
         BudgetError when the budget is below the minimum working set (the message gives it);
@@ -164,4 +170,5 @@ def load(
         cache_dir=cache_dir,
         pack_stream=pack_stream,
         progress=progress,
+        llama_parity=llama_parity,
     )

@@ -12,20 +12,72 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from edgert.quant.kernels import _fma32 as fma32
 from edgert.quant.kernels import _round_f16 as _round_half
+
+# ---- ggml's float arithmetic ------------------------------------------------------------
+# llama.cpp's CPU kernels fix an order for every float sum and fuse products into FMAs where
+# its compiler contracts them. edgert repeats that order exactly, so that its activations
+# equal llama.cpp's bit for bit and greedy decoding does not part from it on a rounding.
+
+
+_F0, _F1 = np.float32(0.0), np.float32(1.0)
+_SHIFT = np.float32(float.fromhex("0x1.8p23"))  # adding it rounds to an integer
+_LOG2E = np.float32(float.fromhex("0x1.715476p+0"))
+_LN2_HI, _LN2_LO = np.float32(float.fromhex("0x1.62e4p-1")), np.float32(float.fromhex("0x1.7f7d1cp-20"))
+_E1, _E2, _E3, _E4, _E5 = (
+    np.float32(float.fromhex(h))
+    for h in ("0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3", "0x1.573e2ep-5", "0x1.0e4020p-7")
+)
+
+
+@nb.njit(inline="always")
+def expf_ggml(x):
+    """exp(x) in float32 by ggml's AVX512 `ggml_v_expf` (Arm's optimized-routines method):
+    x = n ln2 + b with n an integer, a degree-5 polynomial in b, scaled by 2^n; 0 or inf past
+    |n| > 192. Within 1.5 ulp of exp, and what llama.cpp's softmax and SiLU use on x86."""
+    n = fma32(x, _LOG2E, _SHIFT) - _SHIFT
+    b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
+    if abs(n) > np.float32(192.0):
+        return _F0 if n <= _F0 else np.float32(np.inf)
+    u = b * b
+    j = fma32(fma32(fma32(_E5, b, _E4), u, fma32(_E3, b, _E2)), u, fma32(_E1, b, _F1))
+    return np.float32(math.ldexp(np.float64(j), int(n)))  # exact in float64; one rounding
+
+
+@nb.njit(inline="always")
+def sum16(a, o, step):
+    """a[o] + ... + a[o + 15 step] in the tree of GCC's `_mm512_reduce_add_ps`: halves, then
+    quarters, then (0 + 2) + (1 + 3)."""
+    t0 = a[o + 0 * step] + a[o + 8 * step]
+    t1 = a[o + 1 * step] + a[o + 9 * step]
+    t2 = a[o + 2 * step] + a[o + 10 * step]
+    t3 = a[o + 3 * step] + a[o + 11 * step]
+    t4 = a[o + 4 * step] + a[o + 12 * step]
+    t5 = a[o + 5 * step] + a[o + 13 * step]
+    t6 = a[o + 6 * step] + a[o + 14 * step]
+    t7 = a[o + 7 * step] + a[o + 15 * step]
+    u0, u1, u2, u3 = t0 + t4, t1 + t5, t2 + t6, t3 + t7
+    return (u0 + u2) + (u1 + u3)
 
 
 @nb.njit(cache=True, fastmath=False)
 def rmsnorm(out, x, w, eps):
-    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for each row r of a 2-D x."""
+    """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for each row r of a 2-D x.
+
+    Rounded as ggml rounds it: squares summed in float64, the mean, its root and the scale
+    in float32, then x * scale and that times w, each rounded to float32.
+    """
     rows, n = x.shape
+    eps32 = np.float32(eps)
     for r in range(rows):
         ss = 0.0
         for i in range(n):
-            ss += x[r, i] * x[r, i]
-        inv = 1.0 / math.sqrt(ss / n + eps)
+            ss += np.float32(x[r, i] * x[r, i])
+        mean = np.float32(ss / n)
+        scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(mean + eps32)))
         for i in range(n):
-            out[r, i] = x[r, i] * inv * w[i]
+            out[r, i] = np.float32(x[r, i] * scale) * w[i]
 
 
 @nb.njit(cache=True)
@@ -61,14 +113,10 @@ def rope(x, cos, sin, pos0, neox):
         for h in range(H):
             for i in range(half):
                 c, s = cos[p, i], sin[p, i]
-                if neox:
-                    a, b = x[t, h, i], x[t, h, i + half]
-                    x[t, h, i] = a * c - b * s
-                    x[t, h, i + half] = a * s + b * c
-                else:
-                    a, b = x[t, h, 2 * i], x[t, h, 2 * i + 1]
-                    x[t, h, 2 * i] = a * c - b * s
-                    x[t, h, 2 * i + 1] = a * s + b * c
+                j0, j1 = (i, i + half) if neox else (2 * i, 2 * i + 1)
+                a, b = x[t, h, j0], x[t, h, j1]
+                x[t, h, j0] = fma32(a, c, -(b * s))  # as ggml's rotate_pairs compiles: one FMA each
+                x[t, h, j1] = fma32(a, s, b * c)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -140,6 +188,7 @@ class AttentionScratch:
         self.part = np.zeros(*b["part"])  # per chunk: unnormalized outputs
         self.stats = np.zeros(*b["stats"])
         self.rows = np.zeros(*b["rows"])
+        self.lanes = np.zeros(*b["lanes"])  # attention_f16: per thread
 
     @staticmethod
     def _buffers(n_heads: int, n_kv_heads: int, head_dim: int) -> dict:
@@ -147,6 +196,7 @@ class AttentionScratch:
             "part": ((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32),
             "stats": ((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float64),  # sum, max
             "rows": ((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32),  # per work item
+            "lanes": ((nb.config.NUMBA_NUM_THREADS, 66, max(64, head_dim)), np.float32),
         }
 
     @classmethod
@@ -362,15 +412,117 @@ def attention_f16(out, q, k, v, pos0, scale, window, softcap, scores, table, par
                     o[d] += part[c, t, h, d]
 
 
+@nb.njit(inline="always")
+def _f16_score(krow, qr, L, D, table, batched):
+    """fp16 key . fp16 query, summed as ggml's mul_mat does: for a batch, tinyBLAS's 16 lanes
+    over the head dimension (one FMA chain each, then `sum16`); for one token, ggml_vec_dot_f16's
+    4 x 16 lanes over blocks of 64 (pairs added 0+2, 1+3, then together), the rest in float64."""
+    if batched:
+        for i in range(16):
+            L[i] = _F0
+        for d0 in range(0, D, 16):
+            for i in range(16):
+                L[i] = fma32(table[krow[d0 + i]], qr[d0 + i], L[i])
+        return sum16(L, 0, 1)
+    for i in range(64):
+        L[i] = _F0
+    dm = D - D % 64
+    for d0 in range(0, dm, 64):
+        for i in range(64):
+            L[i] = fma32(table[krow[d0 + i]], qr[d0 + i], L[i])
+    for i in range(16):
+        L[i] = (L[i] + L[32 + i]) + (L[16 + i] + L[48 + i])
+    total = np.float64(sum16(L, 0, 1))
+    for d in range(dm, D):
+        total += np.float64(table[krow[d]] * qr[d])
+    return np.float32(total)
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def attention_f16_ggml(out, q, k, v, pos0, scale, window, softcap, scores, table, lanes):
+    """`attention_f16` bit for bit as llama.cpp computes it without flash attention on x86
+    (AVX512), for llama.cpp parity; slower, as its work items do not share decoded rows:
+
+    - scores: K . fp16(q), summed in `_f16_score`'s order, times scale;
+    - softmax: exps by `expf_ggml` of (score - max); their sum, 16 cache slots at a time
+      (`sum16`, slots counted from 0), added up in float64; probabilities exp * float32(1 / sum),
+      rounded to fp16;
+    - output: fp16 V . probabilities over the cache slots, for a batch in 16 lanes (slot % 16),
+      for one token in 64 (slot % 64, reduced as `_f16_score` reduces), each an FMA chain.
+
+    A batch (T > 1) takes tinyBLAS's orders, which llama.cpp uses for more than one query
+    token, one token ggml_vec_dot_f16's. Work items are (token, query head), spread over the
+    threads; each thread keeps its fp16 query, its lanes and its output accumulators in
+    lanes[thread] ([66, max(D, 64)] float32). scores: float32 scratch [>= T * Hq, S].
+    """
+    T, Hq, D = q.shape
+    group = Hq // k.shape[0]
+    batched = T > 1 and D % 16 == 0
+    width = 16 if batched else 64
+    for item in prange(T * Hq):
+        t, h = item // Hq, item % Hq
+        kv = h // group
+        p = pos0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        hi = p + 1
+        buf = lanes[nb.get_thread_id()]
+        qr, L, acc = buf[64], buf[65], buf[:width]
+        for d in range(D):
+            qr[d] = _round_half(q[t, h, d])
+        s = scores[item]
+        m = np.float32(-np.inf)
+        for j in range(lo, hi):
+            x = _f16_score(k[kv, j], qr, L, D, table, batched) * np.float32(scale)
+            if softcap > 0.0:
+                x = np.float32(softcap * math.tanh(x / softcap))
+            s[j] = x
+            m = max(m, x)
+        for j in range(lo, hi):
+            s[j] = expf_ggml(s[j] - m)
+        total = 0.0
+        for g in range(lo - lo % 16, hi, 16):  # the slots outside lo..hi hold exp(-inf) = 0
+            for i in range(16):
+                L[i] = s[g + i] if lo <= g + i < hi else _F0
+            total += np.float64(sum16(L, 0, 1))
+        inv = np.float32(1.0 / total)
+        for j in range(lo, hi):
+            s[j] = _round_half(s[j] * inv)
+        for i in range(width):
+            for d in range(D):
+                acc[i, d] = _F0
+        for j in range(lo, hi):
+            a, w, vrow = acc[j % width], s[j], v[kv, j]
+            for d in range(D):
+                a[d] = fma32(table[vrow[d]], w, a[d])
+        o = out[t, h]
+        if batched:
+            for d in range(D):
+                o[d] = sum16(acc[:, d], 0, 1)
+        else:
+            for d in range(D):
+                for i in range(16):
+                    L[i] = (acc[i, d] + acc[32 + i, d]) + (acc[16 + i, d] + acc[48 + i, d])
+                o[d] = sum16(L, 0, 1)
+
+
+@nb.njit(inline="always")
+def silu_ggml(x, vector):
+    """x * sigmoid(x) as ggml's swiglu computes it: x / (1 + exp(-x)), with ggml_v_expf in its
+    16-wide loop (`vector`) and the C library's expf for the last n % 16 values."""
+    if vector:
+        return x / (_F1 + expf_ggml(_F0 - x))
+    return x / (_F1 + np.float32(math.exp(-x)))
+
+
 # The gated activations run on one thread: a few thousand exps cost less than waking others.
-@nb.njit(cache=True, fastmath=True)
+@nb.njit(cache=True)
 def silu_mul(gate, up):
-    """gate <- silu(gate) * up, in place (SwiGLU)."""
+    """gate <- silu(gate) * up, in place (SwiGLU), with ggml's rounding."""
     T, n = gate.shape
+    nv = n - n % 16
     for t in range(T):
         for i in range(n):
-            g = gate[t, i]
-            gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
+            gate[t, i] = silu_ggml(gate[t, i], i < nv) * up[t, i]
 
 
 @nb.njit(cache=True, fastmath=True)
@@ -385,12 +537,12 @@ def gelu_mul(gate, up):
             )
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _silu_mul_rows(gate, up):
+    nv = gate.shape[1] - gate.shape[1] % 16
     for t in prange(gate.shape[0]):
         for i in range(gate.shape[1]):
-            g = gate[t, i]
-            gate[t, i] = g / (1.0 + math.exp(-g)) * up[t, i]
+            gate[t, i] = silu_ggml(gate[t, i], i < nv) * up[t, i]
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -411,6 +563,18 @@ def swiglu(gate, up):
 def geglu(gate, up):
     """gate <- gelu_tanh(gate) * up, as swiglu."""
     (gelu_mul if gate.shape[0] == 1 else _gelu_mul_rows)(gate, up)
+
+
+@nb.njit(cache=True)
+def _expf_array(x, out):  # test hook for expf_ggml
+    for i in range(x.shape[0]):
+        out[i] = expf_ggml(x[i])
+
+
+@nb.njit(cache=True)
+def _sum16_rows(a, out):  # test hook for sum16
+    for r in range(a.shape[0]):
+        out[r] = sum16(a[r], 0, 1)
 
 
 # ---- numpy references ------------------------------------------------------------------
@@ -451,4 +615,114 @@ def attention_ref(q, k, v, pos0, scale, window, softcap):
                 s = softcap * np.tanh(s / softcap)
             w = np.exp(s - s.max())
             out[t, h] = (w / w.sum()) @ v[kv, lo : p + 1]
+    return out
+
+
+# ---- numpy twins of ggml's float order (the kernels above must equal them bit for bit) -------
+
+
+def fma32_ref(a, b, c):
+    """float32 a * b + c through float64: the product is exact there, the sum rounds twice,
+    which differs from one FMA rounding in about 2^-29 of random cases."""
+    f64 = np.float64
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the tests' edge cases: nan, as FMA
+        return (np.asarray(a, f64) * np.asarray(b, f64) + np.asarray(c, f64)).astype(np.float32)
+
+
+def expf_ggml_ref(x):
+    x = np.asarray(x, np.float32)
+    n = (fma32_ref(x, _LOG2E, _SHIFT) - _SHIFT).astype(np.float32)
+    b = fma32_ref(-n, _LN2_LO, fma32_ref(-n, _LN2_HI, x))
+    u = (b * b).astype(np.float32)
+    j = fma32_ref(fma32_ref(fma32_ref(_E5, b, _E4), u, fma32_ref(_E3, b, _E2)), u, fma32_ref(_E1, b, _F1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        res = np.ldexp(j.astype(np.float64), np.clip(n, -200, 200).astype(np.int64)).astype(np.float32)
+    return np.where(np.abs(n) > 192, np.where(n <= 0, _F0, np.float32(np.inf)), res).astype(np.float32)
+
+
+def sum16_ref(a):
+    """GCC's _mm512_reduce_add_ps over the last axis (16)."""
+    t = (a[..., :8] + a[..., 8:]).astype(np.float32)
+    u = (t[..., :4] + t[..., 4:]).astype(np.float32)
+    return ((u[..., 0] + u[..., 2]) + (u[..., 1] + u[..., 3])).astype(np.float32)
+
+
+def rmsnorm_ggml_ref(x, w, eps):
+    ss = np.array([sum(float(v) for v in (r * r).astype(np.float32)) for r in x])  # float64, in order
+    mean = (ss / x.shape[1]).astype(np.float32)
+    scale = (np.float32(1) / np.sqrt((mean + np.float32(eps)).astype(np.float32))).astype(np.float32)
+    return ((x * scale[:, None]).astype(np.float32) * w).astype(np.float32)
+
+
+def rope_ggml_ref(x, cos, sin, pos0, neox):
+    T, H, _ = x.shape
+    half = cos.shape[1]
+    y = x.copy()
+    c, s = cos[pos0 : pos0 + T, None, :], sin[pos0 : pos0 + T, None, :]
+    i0, i1 = (
+        (np.arange(half), np.arange(half) + half)
+        if neox
+        else (np.arange(0, 2 * half, 2), np.arange(1, 2 * half, 2))
+    )
+    a, b = x[..., i0], x[..., i1]
+    y[..., i0] = fma32_ref(a, c, -(b * s).astype(np.float32))
+    y[..., i1] = fma32_ref(a, s, (b * c).astype(np.float32))
+    return y
+
+
+def silu_mul_ggml_ref(g, u):
+    nv = g.shape[-1] - g.shape[-1] % 16
+    e = np.concatenate(
+        [expf_ggml_ref(-g[..., :nv]), np.exp(-g[..., nv:].astype(np.float64)).astype(np.float32)], -1
+    )
+    return ((g / (np.float32(1) + e)).astype(np.float32) * u).astype(np.float32)
+
+
+def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window):
+    """llama.cpp's non-flash attention over an fp16 cache, in its float order (see attention_f16)."""
+    T, Hq, D = q.shape
+    group = Hq // k16.shape[0]
+    batched = T > 1 and D % 16 == 0
+    q16 = q.astype(np.float16).astype(np.float32)
+    out = np.zeros_like(q)
+    for t in range(T):
+        p = pos0 + t
+        lo = 0 if window <= 0 else max(0, p - window + 1)
+        n = -(-(p + 1) // 64) * 64  # cache slots 0..n: zero probability past the visible ones
+        for h in range(Hq):
+            kk = k16[h // group, lo : p + 1].astype(np.float32)
+            if batched:  # 16 lanes over the head dimension
+                acc = np.zeros((len(kk), 16), np.float32)
+                for d0 in range(0, D, 16):
+                    acc = fma32_ref(kk[:, d0 : d0 + 16], q16[t, h, d0 : d0 + 16], acc)
+                sc = sum16_ref(acc)
+            else:  # 4 x 16 lanes over blocks of 64, the rest in float64
+                dm = D - D % 64
+                acc = np.zeros((len(kk), 64), np.float32)
+                for d0 in range(0, dm, 64):
+                    acc = fma32_ref(kk[:, d0 : d0 + 64], q16[t, h, d0 : d0 + 64], acc)
+                lanes = ((acc[:, :16] + acc[:, 32:48]) + (acc[:, 16:32] + acc[:, 48:])).astype(np.float32)
+                tail = (kk[:, dm:] * q16[t, h, dm:]).astype(np.float64)
+                sc = sum16_ref(lanes).astype(np.float64)
+                for d in range(dm, D):
+                    sc = sc + tail[:, d - dm]
+                sc = sc.astype(np.float32)
+            sc = (sc * np.float32(scale)).astype(np.float32)
+            e = np.zeros(n, np.float32)
+            e[lo : p + 1] = expf_ggml_ref((sc - sc.max()).astype(np.float32))
+            total = 0.0
+            for g in sum16_ref(e.reshape(-1, 16)):
+                total += float(g)
+            pr = (e * np.float32(1.0 / total)).astype(np.float16).astype(np.float32)
+            vv = np.zeros((n, D), np.float32)
+            vv[lo : p + 1] = v16[h // group, lo : p + 1].astype(np.float32)
+            width = 16 if batched else 64
+            acc = np.zeros((width, D), np.float32)
+            for j0 in range(0, n, width):
+                acc = fma32_ref(vv[j0 : j0 + width], pr[j0 : j0 + width, None], acc)
+            if batched:
+                out[t, h] = sum16_ref(acc.T)
+            else:
+                lanes = ((acc[:16] + acc[32:48]) + (acc[16:32] + acc[48:])).astype(np.float32)
+                out[t, h] = sum16_ref(lanes.T)
     return out

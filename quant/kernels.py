@@ -4,8 +4,12 @@
 the activations are first quantized to the weight type's `vec_dot_type` (Q8_0, Q8_1 or Q8_K, with the
 rounding of ggml's x86 `quantize_row_q8_*`). Each weight block then contributes an exact integer dot
 product times float scales, as in `ggml_vec_dot_*`, for every activation row alike (prefill equals
-decode); only the order of the float accumulation across blocks differs from ggml, so results agree
-with llama.cpp to float reassociation (about 1e-6 relative).
+decode); the float sums run one FMA chain per row, so results agree with llama.cpp to float
+reassociation (about 1e-6 relative). With `scratch.ggml_order` (llama.cpp parity), blocks of 32
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are also summed in ggml's x86 order: 8 lanes of 4 values, one FMA
+chain each, then `hsum_float_8`; their results then equal llama.cpp's bit for bit, at about half
+the prompt speed (decode, bound by memory, runs as fast). The K-quants keep one chain per row:
+llama.cpp orders them one way for fewer than 8 tokens and another way from 8 on.
 
 `w` is either the raw GGUF rows (one fused dequant-and-dot per row, below) or a `PackedWeight` from
 `pack` (pack.py: 16 rows interleaved, AVX512-VNNI kernels, several times faster; use it for models).
@@ -23,6 +27,7 @@ from edgert.quant.formats import BLOCK_SIZE, QK_K, TYPE_SIZE, QType, as_qtype
 from edgert.quant.pack import PackedWeight, pack  # noqa: F401  (re-exported: the matmul API)
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgert.errors import UnsupportedError
@@ -54,6 +59,20 @@ def _f32_as_u32(typingctx, f):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(f), codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding (llvm.fma: one vfmadd on x86)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        f32 = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
 
 
 @njit(inline="always")
@@ -196,13 +215,16 @@ class MatmulScratch:
         self.xq_flat = self.xq.reshape(-1)
         nt = numba.config.NUMBA_NUM_THREADS
         self.wf = np.zeros((nt, self.max_k), np.float32)  # per-thread f32 weight row (F16/BF16, T > 1)
-        self.accs = np.zeros((nt, 16 * _pk.TC), np.float32)  # per-thread [token chunk, 16 rows] sums
+        self.accs = np.zeros((nt, _pk.ACC_Q32 * _pk.TC), np.float32)  # per thread: [tokens, lanes, 16 rows]
         # flat views for the packed kernels, which index [row * (row length) + block]
         self.xd_flat, self.xs_flat = self.xd.reshape(-1), self.xs.reshape(-1)
         self.xsum_flat, self.bsp = self.xsum.reshape(-1), np.zeros_like(self.xsum)  # see pack.pair_sums
         self.bsp_flat = self.bsp.reshape(-1)
         self.held = None  # (activation type, T, K) of the activations quantized in xq, for same_input
         self.derived = None  # what xsum / bsp were last computed for
+        # llama.cpp parity: blocks of 32 summed in ggml's float order (bit for bit its results, at
+        # about half the prompt speed); else one FMA chain per row
+        self.ggml_order = False
 
 
 # ---------------------------------------------------------------- block layouts
@@ -312,6 +334,66 @@ def _dot_q5_1(row, xq, xd, xs, nb, c16):
         acc += (_f16(row[o], row[o + 1]) * xd[b]) * np.float32(s)  # two fused steps, as the
         acc += _f16(row[o + 2], row[o + 3]) * xs[b]  # packed kernel: raw == packed, bit for bit
     return acc
+
+
+@njit(inline="always")
+def _q32_layout(qt):
+    """A block of 32's (bytes, offset of the quants, of the 5th bits, of the min, value offset)."""
+    if qt == 2:  # Q4_0
+        return 18, 2, 0, 0, 8
+    if qt == 3:  # Q4_1
+        return 20, 4, 0, 2, 0
+    if qt == 6:  # Q5_0
+        return 22, 6, 2, 0, 16
+    if qt == 7:  # Q5_1
+        return 24, 8, 4, 2, 0
+    return 34, 2, 0, 0, 0  # Q8_0
+
+
+@njit(inline="always")
+def _q32_value(row, o, qt, j):
+    """Value j (< 32) of the block at row[o:], as a signed integer (the type's offset taken off)."""
+    if qt == 8:
+        return np.int32(np.int8(row[o + 2 + j]))
+    size, qo, ho, mo, off = _q32_layout(qt)
+    q = row[o + qo + j % 16]
+    v = np.int32(q & np.uint8(15)) if j < 16 else np.int32(q >> np.uint8(4))
+    if ho:
+        v |= np.int32((_u32(row, o + ho) >> np.uint32(j)) & np.uint32(1)) << 4
+    return v - off
+
+
+@njit(inline="always")
+def _lane(row, o, qt, xq, ox, m):
+    """ggml's lane m of a block: the integer dot of values 4m..4m+3 with the activations."""
+    s = np.int32(0)
+    for i in range(4 * m, 4 * m + 4):
+        s += _q32_value(row, o, qt, i) * np.int32(xq[ox + i])
+    return np.float32(s)
+
+
+@njit(inline="always")
+def _dot_q32(row, xq, xd, xs, nb, qt):
+    """A row of blocks of 32 against Q8_0/Q8_1 activations in ggml's float order (x86
+    `ggml_vec_dot_q4_1_q8_1` and siblings; pack.py's tiles): lane m takes d_w d_x times the
+    integer dot of values 4m..4m+3, one FMA chain per lane; the Q4_1/Q5_1 min term m_w s_x is a
+    ninth chain; then hsum_float_8 of the lanes, plus that chain."""
+    size, qo, ho, mo, off = _q32_layout(qt)
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = sm = np.float32(0)
+    for b in range(nb):
+        o, ox = b * size, b * 32
+        d = _f16(row[o], row[o + 1]) * xd[b]
+        a0 = _fma32(d, _lane(row, o, qt, xq, ox, 0), a0)
+        a1 = _fma32(d, _lane(row, o, qt, xq, ox, 1), a1)
+        a2 = _fma32(d, _lane(row, o, qt, xq, ox, 2), a2)
+        a3 = _fma32(d, _lane(row, o, qt, xq, ox, 3), a3)
+        a4 = _fma32(d, _lane(row, o, qt, xq, ox, 4), a4)
+        a5 = _fma32(d, _lane(row, o, qt, xq, ox, 5), a5)
+        a6 = _fma32(d, _lane(row, o, qt, xq, ox, 6), a6)
+        a7 = _fma32(d, _lane(row, o, qt, xq, ox, 7), a7)
+        if mo:
+            sm = _fma32(_f16(row[o + mo], row[o + mo + 1]), xs[b], sm)
+    return (((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))) + sm
 
 
 @njit(inline="always")
@@ -428,6 +510,13 @@ def _mv_q4_1(out, w, N, rs, K, xq, xd, xs, bsums, c16):
 def _mv_q5_1(out, w, N, rs, K, xq, xd, xs, bsums, c16):
     for n in prange(N):
         out[0, n] = _dot_q5_1(w[n * rs :], xq[0], xd[0], xs[0], K // 32, c16)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mv_q32_lanes(out, w, N, rs, K, xq, xd, xs, qt):
+    """A blocks-of-32 matvec in ggml's float order (`_dot_q32`): the raw rows' llama.cpp parity."""
+    for n in prange(N):
+        out[0, n] = _dot_q32(w[n * rs :], xq[0], xd[0], xs[0], K // 32, qt)
 
 
 @njit(parallel=True, nogil=True, cache=True, fastmath=_FM)
@@ -711,10 +800,14 @@ def matmul(
         _quantize_q8_k(x, s.xq, s.xd, s.bsums)
     else:
         _quantize_q8_0(x, s.xq, s.xd, s.xs, qt in _Q8_1_WEIGHTS)
+    lanes = s.ggml_order and qt not in _Q8_K_WEIGHTS
     mv = _MATVEC[qt]
     for t in range(T):  # one matvec per row: the raw layout has no blocked product
         u = slice(t, t + 1)
-        mv(out[u], wf, N, rs, K, s.xq[u], s.xd[u], s.xs[u], s.bsums[u], 16)
+        if lanes:
+            _mv_q32_lanes(out[u], wf, N, rs, K, s.xq[u], s.xd[u], s.xs[u], int(qt))
+        else:
+            mv(out[u], wf, N, rs, K, s.xq[u], s.xd[u], s.xs[u], s.bsums[u], 16)
 
 
 def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool) -> None:
@@ -727,16 +820,18 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
         else:
             (_quantize_q8_0 if T == 1 else _quantize_q8_0_rows)(x, s.xq, s.xd, s.xs, kind == 1)
         s.held, s.derived = (kind, T, K), None
+    lanes = s.ggml_order and kind != 2
     if kind == 2:
         if s.derived != (qt == QType.Q6_K):
             _pk.pair_sums(s.bsums, T, K, int(qt), s.bsp)
             s.derived = qt == QType.Q6_K
-    else:
+    elif not lanes:  # (the lanes take their offsets off with the activations themselves)
         off = _pk.Q32_OFFSET[qt]
         if off and s.derived != off:
             _pk.block_sums(s.xq, T, K, off, s.xsum)
             s.derived = off
-    (_pk._mm_k if kind == 2 else _pk._mm_q32)(
+    mm = _pk._mm_k if kind == 2 else _pk._mm_q32_lanes if lanes else _pk._mm_q32
+    mm(
         out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
         s.xsum_flat, s.bsp_flat, s.accs,
     )  # fmt: skip

@@ -10,8 +10,10 @@ products into each row's int32 lane, so the SIMD lanes run across output rows: n
 Records are the size of 16 GGUF blocks (K-quants add 4 bytes a block: their 6-bit scales are unpacked).
 
 The arithmetic is ggml's: exact integer sums per block (per sub-block for K-quants), times the float
-scales. Quant values are stored unsigned (Q8_0 as q + 128, Q4_0 without its -8, ...), and the offset
-comes back exactly as offset * (sum of the block's int8 activations).
+scales; for llama.cpp parity, blocks of 32 can also keep ggml's 8 float lanes per row
+(`_make_tile_lanes`) and so sum in its order. Quant values are stored unsigned (Q8_0 as q + 128,
+Q4_0 without its -8, ...), and the offset comes back exactly as offset * (sum of the int8
+activations it multiplies).
 """
 
 from __future__ import annotations
@@ -502,7 +504,7 @@ Q32_OFFSET = {QType(q): v[3] for q, v in _Q32.items()}
 def _make_tile_q32(qt, nt):
     """tile(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss): one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 record at
     w[o:] against tokens i < nt (activations xq[xo + i*xk:], scalars at [si + i*ss] of xd, xs, xsum),
-    adding into acc[ao + 16i : ao + 16i + 16]."""
+    adding into acc[ao + 16i : ao + 16i + 16]: one FMA chain per row, the fast order."""
     bits, nib, hi, off, has_min = _Q32[qt]
     nc = 2 if nt == 1 else 1
 
@@ -525,6 +527,55 @@ def _make_tile_q32(qt, nt):
                     sv = _splat(b, b.load(A.ptr(8, s, ir.FloatType())), _V16F32)
                     acc = _call(b, "llvm.fma.v16f32", _V16F32, m16, sv, acc)
                 b.store(acc, ap, align=1)
+            return context.get_dummy_value()
+
+        return types.none(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss), codegen
+
+    return intrinsic(typer)
+
+
+LANES = 9  # accumulators per token of a blocks-of-32 tile: ggml's 8 lanes, then the Q4_1/Q5_1 min sum
+ACC_Q32 = 16 * LANES  # floats per token
+
+
+def _make_tile_lanes(qt, nt):
+    """tile(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss): one Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 record at
+    w[o:] against tokens i < nt (activations xq[xo + i*xk:], scalars at [si + i*ss] of xd, xs; xsum unused),
+    adding into acc[ao + ACC_Q32 i:], in ggml's order (`ggml_vec_dot_q4_1_q8_1` and its siblings on
+    x86, and tinyBLAS's for a batch): lane m (m < 8) of each row takes the integer dot of values
+    4m..4m+3 times d_w * d_x, one FMA per block; the min term (Q4_1/Q5_1) m_w * s_x is a ninth FMA
+    chain. `_store_lanes` adds them up as ggml does. A stored-unsigned offset is taken off each lane
+    exactly, with a vpdpbusd of the offset bytes against the same activations."""
+    bits, nib, hi, off, has_min = _Q32[qt]
+
+    def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
+        def codegen(context, builder, sig, args):
+            A = _Args(context, builder, sig, args)
+            b = builder
+            o = A.int[1]
+            qs = _quants(A, A.off((1, 1), nib), A.off((1, 1), hi), bits)
+            d16 = _f16x16(A, o)
+            m16 = _f16x16(A, A.off((1, 1), 32)) if has_min else None
+            zero = ir.Constant(_V16I32, None)
+            offv = _const(off * 0x01010101) if off else None
+            for i in range(nt):
+                s = A.off((10, 1), (11, i)) if i else A.int[10]
+                xo = A.off((3, 1), (4, i)) if i else A.int[3]
+                d = b.fmul(d16, _splat(b, b.load(A.ptr(7, s, ir.FloatType())), _V16F32))
+                for m in range(8):
+                    xv = _splat(
+                        b, b.load(A.ptr(2, b.add(xo, ir.Constant(_I64, 4 * m)), _I32), align=1), _V16I32
+                    )
+                    iv = _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, zero, qs[m], xv)
+                    if off:
+                        iv = b.sub(iv, _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, zero, offv, xv))
+                    ap = A.ptr(5, A.off((6, 1), ACC_Q32 * i + 16 * m), _V16F32)
+                    acc = _call(b, "llvm.fma.v16f32", _V16F32, d, b.sitofp(iv, _V16F32), b.load(ap, align=1))
+                    b.store(acc, ap, align=1)
+                if has_min:
+                    ap = A.ptr(5, A.off((6, 1), ACC_Q32 * i + 128), _V16F32)
+                    sv = _splat(b, b.load(A.ptr(8, s, ir.FloatType())), _V16F32)
+                    b.store(_call(b, "llvm.fma.v16f32", _V16F32, m16, sv, b.load(ap, align=1)), ap, align=1)
             return context.get_dummy_value()
 
         return types.none(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss), codegen
@@ -598,6 +649,8 @@ def _make_tile_k(qt, nt):
 
 _t4_0, _t4_1, _t5_0, _t5_1, _t8_0 = (_make_tile_q32(q, 1) for q in (2, 3, 6, 7, 8))
 _T4_0, _T4_1, _T5_0, _T5_1, _T8_0 = (_make_tile_q32(q, NT32) for q in (2, 3, 6, 7, 8))
+_l4_0, _l4_1, _l5_0, _l5_1, _l8_0 = (_make_tile_lanes(q, 1) for q in (2, 3, 6, 7, 8))
+_L4_0, _L4_1, _L5_0, _L5_1, _L8_0 = (_make_tile_lanes(q, NT32) for q in (2, 3, 6, 7, 8))
 _t4_k, _t5_k, _t6_k = (_make_tile_k(q, 1) for q in (12, 13, 14))
 _T4_k, _T5_k, _T6_k = (_make_tile_k(q, NT) for q in (12, 13, 14))
 
@@ -619,9 +672,26 @@ def _store_out(out, acc, g, N, t0, tc):
 
 
 @njit(inline="always")
-def _tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
+def _store_lanes(out, acc, g, N, t0, tc):
+    """A blocks-of-32 tile's sums: ggml's hsum_float_8 of the 8 lanes ((0+4) + (2+6)) + ((1+5) +
+    (3+7)), plus the min-term chain."""
+    n0 = g * 16
+    for t in range(tc):
+        a = ACC_Q32 * t
+        for r in range(min(16, N - n0)):
+            x = a + r
+            r0 = acc[x] + acc[x + 64]
+            r1 = acc[x + 16] + acc[x + 80]
+            r2 = acc[x + 32] + acc[x + 96]
+            r3 = acc[x + 48] + acc[x + 112]
+            out[t0 + t, n0 + r] = ((r0 + r2) + (r1 + r3)) + acc[x + 128]
+
+
+@njit(inline="always")
+def _tile(qt, nt, lanes, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
     """One record block of 16 rows against nt tokens (NT / NT32, or 1), for any packed type:
-    blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si; the
+    blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si (`lanes`:
+    in ggml's order, `_make_tile_lanes`); the
     K-quants take xd at si and the int16 sum pairs bsp at pi."""
     if qt == 12 or qt == 13 or qt == 14:
         if nt == NT:
@@ -637,6 +707,8 @@ def _tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
             _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
         else:
             _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif lanes:
+        _tile_q32_lanes(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
     elif nt == NT32:
         if qt == 2:
             _T4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
@@ -661,20 +733,47 @@ def _tile(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
 
 
 @njit(inline="always")
-def _tiles(qt, nt, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp):
-    """Tokens t_lo..t_hi of a chunk starting at t0, nt at a time, against block b's records."""
+def _tile_q32_lanes(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
+    if nt == NT32:
+        if qt == 2:
+            _L4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 3:
+            _L4_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 6:
+            _L5_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        elif qt == 7:
+            _L5_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+        else:
+            _L8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 2:
+        _l4_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 3:
+        _l4_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 6:
+        _l5_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    elif qt == 7:
+        _l5_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+    else:
+        _l8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+
+
+@njit(inline="always")
+def _tiles(qt, nt, lanes, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp):
+    """Tokens t_lo..t_hi of a chunk starting at t0, nt at a time, against block b's records
+    (`per` accumulator floats per token)."""
     for t in range(t_lo, t_hi, nt):
         u = t0 + t
         _tile(
             qt,
             nt,
+            lanes,
             w,
             o,
             xq,
             u * xk + bs * b,
             xk,
             acc,
-            16 * t,
+            per * t,
             xd,
             xs,
             xsum,
@@ -686,39 +785,50 @@ def _tiles(qt, nt, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, b
 
 
 @njit(inline="always")
-def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq):
+def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, lanes):
     """out[T, N] over packed records (`rec` bytes per group and block); kq: a K-quant type
     (a literal at each entry point below, so each is compiled with its own tiles only).
+    lanes: blocks of 32 summed in ggml's order (else one FMA chain per row, faster).
     xq is the flat int8 activations, row stride xk; xd, xs, xsum and bsp (`block_sums`,
     `pair_sums`) are flat [rows, xk // 32 + 1]. Each 16-row group goes to one thread, which
     runs the tokens in chunks of TC through register tiles of NT (K-quants) or NT32 tokens."""
     bs = QK_K if kq else 32
     nt = NT if kq else NT32
+    per = ACC_Q32 if lanes else 16  # accumulator floats per token
     nb = K // bs
     ss = xk // 32 + 1
     for g in prange((N + 15) // 16):
         acc = accs[numba.get_thread_id()]
         for t0 in range(0, T, TC):
             tc = min(TC, T - t0)
-            acc[: 16 * tc] = 0
+            acc[: per * tc] = 0
             full = tc - tc % nt
             for b in range(nb):
                 o = (g * nb + b) * rec
-                _tiles(qt, nt, 0, full, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
-                _tiles(qt, 1, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
-            _store_out(out, acc, g, N, t0, tc)
+                _tiles(qt, nt, lanes, per, 0, full, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
+                _tiles(qt, 1, lanes, per, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
+            if lanes:
+                _store_lanes(out, acc, g, N, t0, tc)
+            else:
+                _store_out(out, acc, g, N, t0, tc)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _mm_q32(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
     """`_mm` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32)."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False)
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, False)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_q32_lanes(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
+    """`_mm_q32` in ggml's float order (llama.cpp parity)."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, True)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _mm_k(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
     """`_mm` for Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True)
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, False)
 
 
 @njit(cache=True, nogil=True)

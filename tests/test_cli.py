@@ -150,6 +150,24 @@ def test_run_stdout_is_only_the_completion():
     assert "tok/s" in r.stderr
 
 
+def test_run_llama_parity_prints_llama_cpps_greedy_text(real_model):
+    """`run --llama-parity` on SmolLM2 (Q4_1) writes exactly the text of llama.cpp's greedy tokens
+    (recorded in the golden file) for this prompt."""
+    import json
+
+    from conftest import GOLDEN
+
+    from edgert import loader
+
+    golden = json.loads((GOLDEN / "model-smollm2-135m.json").read_text())
+    prompt = golden["prompts"][0]
+    path = real_model("smollm2-135m")
+    want = loader.open_source(path).tokenizer.decode(prompt["greedy"][:24])
+    r = edgert("run", path, "-p", prompt["text"], "-n", "24", "-c", "512", "--ignore-eos", "--llama-parity")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want + "\n"
+
+
 def test_info(tiny_gguf):
     r = edgert("info", tiny_gguf)
     assert r.returncode == 0, r.stderr

@@ -19,6 +19,7 @@ def test_rmsnorm():
     out = np.empty_like(x)
     K.rmsnorm(out, x, w, 1e-6)
     np.testing.assert_allclose(out, K.rmsnorm_ref(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out, K.rmsnorm_ggml_ref(x, w, 1e-6))  # ggml's rounding steps
     K.rmsnorm(x, x, w, 1e-6)  # in place, as the q/k norms use it
     np.testing.assert_allclose(x, out, rtol=0, atol=0)
 
@@ -35,6 +36,7 @@ def test_rope(neox, n_rot):
     K.rope(y, cos, sin, pos0, neox)
     ref = K.rope_ref(x, pos0, base, n_rot, neox)
     np.testing.assert_allclose(y, ref, atol=2e-5)  # float32 angles, as ggml computes them
+    np.testing.assert_array_equal(y, K.rope_ggml_ref(x, cos, sin, pos0, neox))  # and its FMAs
     np.testing.assert_array_equal(y[..., n_rot:], x[..., n_rot:])
 
 
@@ -102,12 +104,61 @@ def test_attention_f16(T, Hkv, S, pos0, window):
     np.testing.assert_allclose(out, ref, atol=1e-2)
 
 
+@pytest.mark.parametrize(
+    "T,Hkv,S,pos0,window,D",
+    [
+        (3, 2, 24, 12, 0, 32),  # a batch: tinyBLAS's order
+        (3, 2, 24, 12, 6, 32),
+        (5, 1, 200, 150, 0, 64),
+        (1, 3, 300, 299, 0, 64),  # one token: ggml_vec_dot_f16's order
+        (1, 1, 300, 299, 0, 80),  # ... with a head dimension that leaves a tail after blocks of 64
+        (1, 1, 1500, 1499, 700, 64),  # ... with a sliding window
+    ],
+)
+def test_attention_f16_ggml(T, Hkv, S, pos0, window, D):
+    """Bit for bit llama.cpp's arithmetic (its numpy twin), and within fp16 noise of exact attention."""
+    Hq = 2 * Hkv
+    q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    out = np.empty_like(q)
+    scores = np.zeros((T * Hq, S), np.float32)
+    scratch = K.AttentionScratch(Hq, Hkv, D)
+    K.attention_f16_ggml(
+        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores, K.F16_TABLE,
+        scratch.lanes,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out, K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window))
+    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
+    np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+def test_ggml_float_primitives():
+    """expf_ggml and sum16 equal their numpy twins bit for bit; expf_ggml is within 2 ulp of exp."""
+    x = np.concatenate(
+        [rng.uniform(-110, 90, 20000), rng.standard_normal(5000), [0.0, -0.0, -np.inf, 200, -200]]
+    )
+    x = x.astype(np.float32)
+    got = np.empty_like(x)
+    K._expf_array(x, got)
+    np.testing.assert_array_equal(got, K.expf_ggml_ref(x))
+    fine = np.abs(x) < 87
+    np.testing.assert_array_max_ulp(
+        got[fine], np.exp(x[fine].astype(np.float64)).astype(np.float32), maxulp=2
+    )
+    a = rng.standard_normal((50, 16)).astype(np.float32)
+    sums = np.empty(50, np.float32)
+    K._sum16_rows(a, sums)
+    np.testing.assert_array_equal(sums, K.sum16_ref(a))
+
+
 def test_gated_activations():
     g = rng.standard_normal((3, 40)).astype(np.float32) * 3
     u = rng.standard_normal((3, 40)).astype(np.float32)
-    a = g.copy()
-    K.silu_mul(a, u)
-    np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    for silu in (K.silu_mul, K._silu_mul_rows):  # one token, a batch: ggml's arithmetic, 16-wide then a tail
+        a = g.copy()
+        silu(a, u)
+        np.testing.assert_array_equal(a, K.silu_mul_ggml_ref(g, u))
+        np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
     b = g.copy()
     K.gelu_mul(b, u)
     gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))

@@ -246,6 +246,57 @@ def test_packed_matmul(q):
     assert same_bits(outs[0], outs[1])
 
 
+def ggml_q32_matmul(x, w, q):
+    """numpy transcription of ggml's x86 `ggml_vec_dot_q4_0_q8_0` / `_q4_1_q8_1` / ... (and tinyBLAS's
+    per-output order for a batch): 8 lanes of 4 values each, one FMA chain per lane over the blocks,
+    hsum_float_8, plus the Q4_1/Q5_1 min chain m_w * s_x."""
+    from edgert.kernels import fma32_ref
+
+    N, nb = w.shape[0], x.shape[1] // 32
+    W = F.dequantize(np.ascontiguousarray(w), q, (N, x.shape[1])).reshape(N, nb, 32)
+    blocks = w.reshape(N, nb, TYPE_SIZE[q])
+    dw = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    has_min = q in (QType.Q4_1, QType.Q5_1)
+    mw = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else None
+    safe = np.where(dw == 0, 1, dw)[..., None]
+    ints = np.rint((W - mw[..., None]) / safe if has_min else W / safe)  # the signed quant values
+    xq, xd, xs = act_q8_0(x)  # [T, nb, 32], [T, nb], [T, nb]
+    lanes = (ints[None] * xq[:, None]).reshape(x.shape[0], N, nb, 8, 4).sum(-1).astype(np.float32)
+    d = (dw[None] * xd[:, None]).astype(np.float32)  # [T, N, nb]
+    acc = np.zeros((x.shape[0], N, 8), np.float32)
+    sm = np.zeros((x.shape[0], N), np.float32)
+    for b in range(nb):
+        acc = fma32_ref(d[:, :, b, None], lanes[:, :, b], acc)
+        if has_min:
+            sm = fma32_ref(mw[None, :, b], xs[:, None, b], sm)
+    r = (acc[..., :4] + acc[..., 4:]).astype(np.float32)
+    return (((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])) + sm).astype(np.float32)
+
+
+@pytest.mark.parametrize("q", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0], ids=str)
+def test_q32_matmul_in_ggml_order(q):
+    """With llama.cpp parity on, packed and raw kernels both sum blocks of 32 exactly as ggml does
+    (so edgert's activations equal llama.cpp's bit for bit), for a batch and for one token."""
+    rng = np.random.default_rng(700 + int(q))
+    N, Kd, T = 37, 512, 5
+    w = random_rows(q, N, Kd, rng)
+    x = rng.standard_normal((T, Kd)).astype(np.float32)
+    want = ggml_q32_matmul(x, w, q)
+    scratch = K.MatmulScratch(T, Kd)
+    scratch.ggml_order = True  # llama.cpp parity
+    for wt in (K.pack(w, q), w):
+        out = np.empty((T, N), np.float32)
+        K.matmul(out, x, wt, q, scratch)
+        np.testing.assert_array_equal(out, want)
+        for t in range(T):  # one token at a time: the same bits
+            one = np.empty((1, N), np.float32)
+            K.matmul(one, x[t : t + 1], wt, q, scratch)
+            np.testing.assert_array_equal(one, want[t : t + 1])
+    scratch.ggml_order = False  # the fast order: within float reassociation of it
+    K.matmul(out, x, K.pack(w, q), q, scratch)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("q", ALL, ids=lambda q: q.name)
 def test_pack_round_trip_and_get_rows(q):
     """unpack(pack(w)) gives back every byte (random bits everywhere), and get_rows reads packed rows."""

@@ -5,14 +5,16 @@ tests/tools/make_golden.py (llama-cpp-python): 5 prompts x 48 positions per mode
   llama.cpp's (batched evaluation) at >= 95% of positions, and every disagreement is a
   close call (llama.cpp's top-2 gap < 0.5).
 - Free-running: edgert's own greedy decoding equals llama.cpp's for >= 16 tokens per prompt.
+- With llama_parity, SmolLM2 meets the issue's own gate (>= 99%, gaps < 0.1, >= 16 tokens).
 
-Why 95% / 0.5 and not 99% / 0.1: llama.cpp does not agree with itself that closely. Its
-batched evaluation (llamafile sgemm, FMA order) and its one-token-at-a-time evaluation
-(ggml vec_dot) pick different top-1 tokens at 1.7% / 1.3% / 0.4% of these positions
-(SmolLM2 / Gemma3 / Qwen2.5), with top-2 gaps up to 0.33, and their logits differ by a
-mean |d| of 0.11 / 0.16 / 0.05 -- the same size as edgert vs llama.cpp (0.17 / 0.17 / 0.05).
-edgert reproduces ggml's integer block dots, 8-bit activation rounding and fp16 KV cache;
-what remains is float summation order, ggml's SIMD expf and its fp16 GELU table.
+Why 95% / 0.5 by default: edgert repeats ggml's arithmetic exactly in everything but the
+float order of its quantized matmuls (rmsnorm, RoPE, SiLU, softmax with ggml's SIMD expf, and
+attention's fp16 dot orders, which llama.cpp picks by batch size: tinyBLAS for a batch,
+ggml_vec_dot_f16 for one token), and its matmuls to float reassociation: 30 layers amplify those
+ulps into logit differences of the size of llama.cpp's own batched-vs-one-token ones, and a
+top-1 flips where the top two are close. llama_parity also sums blocks-of-32 matmuls in ggml's
+order; K-quants (Gemma3, Qwen2.5) and gemma's fp16 GELU table are not reproduced yet, so those
+two models keep the relaxed gate.
 """
 
 from __future__ import annotations
@@ -39,19 +41,52 @@ def case(request, real_model):
     return request.param, golden, session
 
 
-def test_teacher_forced_top1(case):
-    key, golden, s = case
+def teacher_forced(golden, s):
+    """Positions where edgert's top-1 differs from llama.cpp's: (prompt, position, edgert's,
+    llama.cpp's, llama.cpp's top-2 gap), and the number of positions."""
     total, disagree = 0, []
     for p, prompt in enumerate(golden["prompts"]):
         ids, greedy = prompt["prompt_ids"], prompt["greedy"]
-        n = len(greedy)
         s.reset()
         logits = s.forward(ids + greedy[:-1], all_logits=True)[len(ids) - 1 :]
         top1 = logits.argmax(-1)
-        for j in range(n):
+        for j in range(len(greedy)):
             total += 1
             if top1[j] != prompt["top1"][j]:
                 disagree.append((p, j, int(top1[j]), prompt["top1"][j], prompt["gap"][j]))
+    return disagree, total
+
+
+def free_run(golden, s):
+    """Per prompt, how many of edgert's greedy tokens equal llama.cpp's before they part."""
+    matched = []
+    for prompt in golden["prompts"]:
+        s.reset()
+        want = prompt["greedy"]
+        got = list(generate_step(s, prompt["prompt_ids"], make_sampler(), max_tokens=len(want)))
+        parted = (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b)
+        matched.append(next(parted, len(want)))
+    return matched
+
+
+def test_llama_parity_meets_the_issue_gate(real_model):
+    """SmolLM2 (Q4_1: blocks of 32 throughout) with llama_parity computes llama.cpp's activations
+    bit for bit, so it meets the gate without slack: >= 99% top-1 agreement, every disagreement
+    at a top-2 gap < 0.1, and >= 16 identical greedy tokens on every prompt (measured: 100%, and
+    all 48 on all 5 prompts)."""
+    golden = json.loads((GOLDEN / "model-smollm2-135m.json").read_text())
+    src = loader.open_source(real_model("smollm2-135m"))
+    s = Session(loader.build(src, context=512, max_tokens=64, llama_parity=True), src.tokenizer)
+    disagree, total = teacher_forced(golden, s)
+    matched = free_run(golden, s)
+    print(f"smollm2-135m, llama parity: top-1 {1 - len(disagree) / total:.4f}, free run {matched}")
+    assert len(disagree) <= 0.01 * total and all(d[4] < 0.1 for d in disagree), disagree
+    assert min(matched) >= FREE_RUN, matched
+
+
+def test_teacher_forced_top1(case):
+    key, golden, s = case
+    disagree, total = teacher_forced(golden, s)
     agreement = 1 - len(disagree) / total
     print(f"{key}: top-1 agreement {agreement:.4f} over {total} positions; disagreements {disagree}")
     assert agreement >= MIN_AGREEMENT, f"{key}: agreement {agreement:.4f} < {MIN_AGREEMENT}: {disagree}"
@@ -67,16 +102,13 @@ def test_free_running_greedy(case):
     an earlier divergence must sit at such a close call.
     """
     key, golden, s = case
-    matched, early = [], []
-    for p, prompt in enumerate(golden["prompts"]):
-        s.reset()
-        want = prompt["greedy"]
-        got = list(generate_step(s, prompt["prompt_ids"], make_sampler(), max_tokens=len(want)))
-        same = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), len(want))
-        matched.append(same)
-        if same < FREE_RUN and prompt["gap"][same] >= NEAR_TIE:
-            early.append((p, same, prompt["gap"][same]))
-    print(f"{key}: greedy tokens identical to llama.cpp for {matched} of {len(want)} per prompt")
+    matched = free_run(golden, s)
+    early = [
+        (p, n, prompt["gap"][n])
+        for p, (n, prompt) in enumerate(zip(matched, golden["prompts"], strict=True))
+        if n < FREE_RUN and prompt["gap"][n] >= NEAR_TIE
+    ]
+    print(f"{key}: greedy tokens identical to llama.cpp for {matched} of 48 per prompt")
     assert not early, (
         f"{key}: greedy output leaves llama.cpp's before {FREE_RUN} tokens, not at a close call: {early}"
     )

@@ -302,7 +302,11 @@ def attention_block(
         cache.attend(att, q3, pos, a.q_scale, window, a.attn_softcap, ws.scores, ws.attn)
     else:
         keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
-        if keys.dtype == np.float16:
+        if keys.dtype == np.float16 and ws.scratch.ggml_order:  # llama.cpp parity
+            k16, v16 = keys.view(np.uint16), values.view(np.uint16)
+            scratch = (ws.scores, K.F16_TABLE, ws.attn.lanes)
+            K.attention_f16_ggml(att, q3, k16, v16, pos, a.q_scale, window, a.attn_softcap, *scratch)
+        elif keys.dtype == np.float16:
             K.attention_f16(
                 att,
                 q3,
@@ -585,6 +589,7 @@ class Transformer:
         plan=None,
         kv_bits: int = 16,
         stream_file=None,
+        llama_parity: bool = False,
     ):
         self.args = a = args
         self.kv_dtype = kv_dtype  # of the 16-bit cache: float16, or float32 (tests)
@@ -636,6 +641,9 @@ class Transformer:
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
+        # llama.cpp parity: blocks-of-32 matmuls (quant.kernels) and fp16 attention
+        # (attention_f16_ggml) in ggml's float order; norms, RoPE and SiLU always follow it
+        self.ws.scratch.ggml_order = llama_parity
         if plan is not None and plan.streamed:
             self.streamer = self._make_streamer(plan, by_name)
             self.expert_cache = self._make_expert_cache(plan, by_name)
