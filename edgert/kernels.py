@@ -14,6 +14,7 @@ from numba import prange
 
 from edgert.quant.kernels import _fma32 as fma32
 from edgert.quant.kernels import _round_f16 as _round_half
+from edgert.quant.kernels import _u64_as_f64
 
 # ---- ggml's float arithmetic ------------------------------------------------------------
 # llama.cpp's CPU kernels fix an order for every float sum and fuse products into FMAs where
@@ -38,11 +39,16 @@ def expf_ggml(x):
     |n| > 192. Within 1.5 ulp of exp, and what llama.cpp's softmax and SiLU use on x86."""
     n = fma32(x, _LOG2E, _SHIFT) - _SHIFT
     b = fma32(-n, _LN2_LO, fma32(-n, _LN2_HI, x))
-    if abs(n) > np.float32(192.0):
-        return _F0 if n <= _F0 else np.float32(np.inf)
     u = b * b
     j = fma32(fma32(fma32(_E5, b, _E4), u, fma32(_E3, b, _E2)), u, fma32(_E1, b, _F1))
-    return np.float32(math.ldexp(np.float64(j), int(n)))  # exact in float64; one rounding
+    # j * 2^n with one rounding (AVX-512 scalef): exact in float64, whose 2^n is built from bits;
+    # branch-free (selects only), so that loops over it vectorize
+    big = abs(n) > np.float32(192.0)
+    c = np.float32(192.0) if n > np.float32(192.0) else n
+    c = np.float32(-192.0) if c < np.float32(-192.0) else c
+    e = np.int64(c) + 1023
+    r = np.float32(np.float64(j) * _u64_as_f64(e << 52))
+    return (_F0 if n <= _F0 else np.float32(np.inf)) if big else r
 
 
 @nb.njit(inline="always")
@@ -521,8 +527,10 @@ def silu_mul(gate, up):
     T, n = gate.shape
     nv = n - n % 16
     for t in range(T):
-        for i in range(n):
-            gate[t, i] = silu_ggml(gate[t, i], i < nv) * up[t, i]
+        for i in range(nv):
+            gate[t, i] = silu_ggml(gate[t, i], True) * up[t, i]
+        for i in range(nv, n):
+            gate[t, i] = silu_ggml(gate[t, i], False) * up[t, i]
 
 
 @nb.njit(cache=True, fastmath=True)
@@ -541,8 +549,10 @@ def gelu_mul(gate, up):
 def _silu_mul_rows(gate, up):
     nv = gate.shape[1] - gate.shape[1] % 16
     for t in prange(gate.shape[0]):
-        for i in range(gate.shape[1]):
-            gate[t, i] = silu_ggml(gate[t, i], i < nv) * up[t, i]
+        for i in range(nv):
+            gate[t, i] = silu_ggml(gate[t, i], True) * up[t, i]
+        for i in range(nv, gate.shape[1]):
+            gate[t, i] = silu_ggml(gate[t, i], False) * up[t, i]
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -556,8 +566,9 @@ def _gelu_mul_rows(gate, up):
 
 
 def swiglu(gate, up):
-    """gate <- silu(gate) * up: one thread for a token, all threads for a prompt chunk."""
-    (silu_mul if gate.shape[0] == 1 else _silu_mul_rows)(gate, up)
+    """gate <- silu(gate) * up: a row per thread. (One token's row runs on one thread either way;
+    the parallel kernel's loop vectorizes better: 7 against 17 us for 4864 values.)"""
+    _silu_mul_rows(gate, up)
 
 
 def geglu(gate, up):

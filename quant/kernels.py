@@ -62,6 +62,18 @@ def _f32_as_u32(typingctx, f):
 
 
 @intrinsic
+def _u64_as_f64(typingctx, u):
+    if not isinstance(u, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = builder.sext(args[0], ir.IntType(64)) if u.bitwidth < 64 else args[0]
+        return builder.bitcast(v, ir.DoubleType())
+
+    return types.float64(u), codegen
+
+
+@intrinsic
 def _fma32(typingctx, a, b, c):
     """a * b + c in float32 with one rounding (llvm.fma: one vfmadd on x86)."""
     if not (a == b == c == types.float32):
