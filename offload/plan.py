@@ -66,6 +66,7 @@ from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
+from edgert.quant.pack import ACC_Q32, TC
 
 from edgert.errors import BudgetError
 from edgert.kernels import AttentionScratch
@@ -190,8 +191,9 @@ def workspace_bytes(
         n += (a.n_experts + 1) * 8 + T * k * 8
     max_k = max(a.dim, ff, hq * a.head_dim)
     nb = max_k // 32 + 1
-    n += T * max_k + 2 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
+    n += T * max_k + 4 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
     n += threads * max_k * f4  # per-thread decoded rows
+    n += threads * ACC_Q32 * TC * f4  # per-thread matmul accumulators (llama parity's lanes)
     n += T * hq * context * f4  # attention scores, one row per (token, head)
     n += AttentionScratch.nbytes(hq, hkv, a.head_dim)
     rope_sets = 2 if a.sliding_window or a.sliding_layers else 1
