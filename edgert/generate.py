@@ -75,6 +75,9 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+LLAMA_UBATCH = 512  # llama.cpp's default n_ubatch: it evaluates a prompt in batches of this many
+
+
 class Session:
     """A model, its tokenizer, and one KV cache with the token ids it holds."""
 
@@ -107,8 +110,12 @@ class Session:
         """Append ids to the cache (in chunks); logits of the last id, or of every id."""
         out = []
         step = self.model.max_tokens
+        scratch = self.model.ws.scratch
         for s in range(0, len(ids), step):
             chunk = np.asarray(ids[s : s + step], dtype=np.int32)
+            if scratch.ggml_order:  # llama.cpp parity: the size of the batch llama.cpp would
+                ub = LLAMA_UBATCH  # evaluate these tokens in picks its kernels' float order
+                scratch.ggml_batch = min(ub, len(ids) - s // ub * ub)
             logits = self.model(chunk, self.cache, len(self.tokens), all_logits)
             self.tokens.extend(int(t) for t in chunk)
             out.append(logits.copy() if all_logits else logits)

@@ -445,7 +445,7 @@ def _f16_score(krow, qr, L, D, table, batched):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def attention_f16_ggml(out, q, k, v, pos0, scale, window, softcap, scores, table, lanes):
+def attention_f16_ggml(out, q, k, v, pos0, scale, window, softcap, scores, table, lanes, batch):
     """`attention_f16` bit for bit as llama.cpp computes it without flash attention on x86
     (AVX512), for llama.cpp parity; slower, as its work items do not share decoded rows:
 
@@ -456,14 +456,15 @@ def attention_f16_ggml(out, q, k, v, pos0, scale, window, softcap, scores, table
     - output: fp16 V . probabilities over the cache slots, for a batch in 16 lanes (slot % 16),
       for one token in 64 (slot % 64, reduced as `_f16_score` reduces), each an FMA chain.
 
-    A batch (T > 1) takes tinyBLAS's orders, which llama.cpp uses for more than one query
-    token, one token ggml_vec_dot_f16's. Work items are (token, query head), spread over the
+    A batch takes tinyBLAS's orders, which llama.cpp uses for more than one query token, one
+    token ggml_vec_dot_f16's: `batch` is the size of the batch llama.cpp would evaluate (T, or
+    more when a prompt is fed in chunks). Work items are (token, query head), spread over the
     threads; each thread keeps its fp16 query, its lanes and its output accumulators in
     lanes[thread] ([66, max(D, 64)] float32). scores: float32 scratch [>= T * Hq, S].
     """
     T, Hq, D = q.shape
     group = Hq // k.shape[0]
-    batched = T > 1 and D % 16 == 0
+    batched = batch > 1 and D % 16 == 0
     width = 16 if batched else 64
     for item in prange(T * Hq):
         t, h = item // Hq, item % Hq
@@ -563,6 +564,33 @@ def _gelu_mul_rows(gate, up):
             gate[t, i] = (
                 0.5 * g * (1.0 + math.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))) * up[t, i]
             )
+
+
+_GELU_A, _SQRT_2_OVER_PI, _HALF = np.float32(0.044715), np.float32(0.7978845608028654), np.float32(0.5)
+
+
+@nb.njit(inline="always")
+def gelu_ggml(x):
+    """ggml's GELU as its fp16 table holds it (ggml_table_gelu_f16): the tanh formula in float32,
+    with GCC's one FMA, on fp16(x), rounded to fp16; 0 below -10 and x above 10."""
+    h = _round_half(x)
+    inner = fma32(_GELU_A * h, h, _F1)
+    t = np.float32(math.tanh(_SQRT_2_OVER_PI * h * inner))
+    return _round_half(_HALF * h * (_F1 + t))
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def geglu_ggml(gate, up):
+    """gate <- gelu(gate) * up exactly as ggml_vec_geglu_f32 computes it (llama.cpp parity)."""
+    for t in prange(gate.shape[0]):
+        for i in range(gate.shape[1]):
+            g = gate[t, i]
+            if g <= np.float32(-10.0):
+                gate[t, i] = _F0
+            elif g >= np.float32(10.0):
+                gate[t, i] = g * up[t, i]
+            else:
+                gate[t, i] = gelu_ggml(g) * up[t, i]
 
 
 def swiglu(gate, up):
@@ -689,11 +717,11 @@ def silu_mul_ggml_ref(g, u):
     return ((g / (np.float32(1) + e)).astype(np.float32) * u).astype(np.float32)
 
 
-def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window):
+def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window, batch=None):
     """llama.cpp's non-flash attention over an fp16 cache, in its float order (see attention_f16)."""
     T, Hq, D = q.shape
     group = Hq // k16.shape[0]
-    batched = T > 1 and D % 16 == 0
+    batched = (T if batch is None else batch) > 1 and D % 16 == 0
     q16 = q.astype(np.float16).astype(np.float32)
     out = np.zeros_like(q)
     for t in range(T):
@@ -737,3 +765,14 @@ def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window):
                 lanes = ((acc[:16] + acc[32:48]) + (acc[16:32] + acc[48:])).astype(np.float32)
                 out[t, h] = sum16_ref(lanes.T)
     return out
+
+
+def geglu_ggml_ref(g, u):
+    """ggml_vec_geglu_f32 with its fp16 GELU table: fp16(gelu(fp16(x))) * up, 0 / x past +-10."""
+    h = g.astype(np.float16).astype(np.float32)
+    inner = fma32_ref((_GELU_A * h).astype(np.float32), h, _F1)
+    t = np.tanh((_SQRT_2_OVER_PI * h * inner).astype(np.float32).astype(np.float64)).astype(np.float32)
+    gelu = ((_HALF * h).astype(np.float32) * (_F1 + t)).astype(np.float16).astype(np.float32)
+    y = (gelu * u).astype(np.float32)
+    y = np.where(g >= 10, (g * u).astype(np.float32), y)
+    return np.where(g <= -10, _F0, y).astype(np.float32)

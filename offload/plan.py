@@ -66,7 +66,7 @@ from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
-from edgert.quant.pack import ACC_Q32, TC
+from edgert.quant.pack import ACC_MAX, TC
 
 from edgert.errors import BudgetError
 from edgert.kernels import AttentionScratch
@@ -193,7 +193,7 @@ def workspace_bytes(
     nb = max_k // 32 + 1
     n += T * max_k + 4 * T * nb * f4 + T * (max_k // 16 + 1) * 4 + T * max_k * f4  # MatmulScratch
     n += threads * max_k * f4  # per-thread decoded rows
-    n += threads * ACC_Q32 * TC * f4  # per-thread matmul accumulators (llama parity's lanes)
+    n += threads * ACC_MAX * TC * f4  # per-thread matmul accumulators (llama parity's lanes)
     n += T * hq * context * f4  # attention scores, one row per (token, head)
     n += AttentionScratch.nbytes(hq, hkv, a.head_dim)
     rope_sets = 2 if a.sliding_window or a.sliding_layers else 1

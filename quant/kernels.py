@@ -227,7 +227,7 @@ class MatmulScratch:
         self.xq_flat = self.xq.reshape(-1)
         nt = numba.config.NUMBA_NUM_THREADS
         self.wf = np.zeros((nt, self.max_k), np.float32)  # per-thread f32 weight row (F16/BF16, T > 1)
-        self.accs = np.zeros((nt, _pk.ACC_Q32 * _pk.TC), np.float32)  # per thread: [tokens, lanes, 16 rows]
+        self.accs = np.zeros((nt, _pk.ACC_MAX * _pk.TC), np.float32)  # per thread: [tokens, lanes, 16 rows]
         # flat views for the packed kernels, which index [row * (row length) + block]
         self.xd_flat, self.xs_flat = self.xd.reshape(-1), self.xs.reshape(-1)
         self.xsum_flat, self.bsp = self.xsum.reshape(-1), np.zeros_like(self.xsum)  # see pack.pair_sums
@@ -237,6 +237,7 @@ class MatmulScratch:
         # llama.cpp parity: blocks of 32 summed in ggml's float order (bit for bit its results, at
         # about half the prompt speed); else one FMA chain per row
         self.ggml_order = False
+        self.ggml_batch = 0  # the batch llama.cpp would evaluate these rows in (0: the call's rows)
 
 
 # ---------------------------------------------------------------- block layouts
@@ -833,6 +834,9 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
             (_quantize_q8_0 if T == 1 else _quantize_q8_0_rows)(x, s.xq, s.xd, s.xs, kind == 1)
         s.held, s.derived = (kind, T, K), None
     lanes = s.ggml_order and kind != 2
+    # llama.cpp picks its K-quant kernel by the batch it evaluates: `ggml_batch` (>= 8: its tiled
+    # kernel's order) when the caller set one, else this call's rows
+    mode = 0 if not s.ggml_order else 1 if (s.ggml_batch or T) >= 8 else 2
     if kind == 2:
         if s.derived != (qt == QType.Q6_K):
             _pk.pair_sums(s.bsums, T, K, int(qt), s.bsp)
@@ -842,11 +846,12 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
         if off and s.derived != off:
             _pk.block_sums(s.xq, T, K, off, s.xsum)
             s.derived = off
-    mm = _pk._mm_k if kind == 2 else _pk._mm_q32_lanes if lanes else _pk._mm_q32
-    mm(
-        out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
-        s.xsum_flat, s.bsp_flat, s.accs,
-    )  # fmt: skip
+    args = (out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
+            s.xsum_flat, s.bsp_flat, s.accs)  # fmt: skip
+    if kind == 2 and mode:
+        _pk._mm_k_parity(*args, mode)
+    else:
+        (_pk._mm_k if kind == 2 else _pk._mm_q32_lanes if lanes else _pk._mm_q32)(*args)
 
 
 def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:

@@ -583,11 +583,27 @@ def _make_tile_lanes(qt, nt):
     return intrinsic(typer)
 
 
-def _make_tile_k(qt, nt):
+K_LANES = 12  # accumulators per token of a K-quant lanes tile: ggml's 8 lanes, then 4 min lanes
+ACC_MAX = 16 * K_LANES  # the most accumulator floats a token takes (the matmul scratch's stride)
+
+
+def _make_tile_k(qt, nt, order="fast"):
     """tile(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi): one Q4_K/Q5_K/Q6_K record at w[o:] against
     tokens i < nt (Q8_K activations xq[xo + i*xk:], scale xd[si + i*ss], int16 pairs of activation
-    sums bsp[pi + i*ss:], see `pair_sums`), adding into acc[ao + 16i : ao + 16i + 16]."""
+    sums bsp[pi + i*ss:], see `pair_sums`), adding into acc[ao:].
+
+    order "fast": one FMA chain per row (acc[ao + 16i:][:16]): acc += (d_w d_x) float(isum), then
+    the mins. The llama.cpp parity orders (Q4_K, Q6_K):
+    - "tiled", ggml's tiled K-quant matmul (batches of 8 tokens or more): r = float(isum) d_w,
+      r -= d_min float(imin) (one rounding), acc = fma(r, d_x, acc); 16 floats per token;
+    - "lanes", `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` (fewer than 8): 8 integer lanes per row,
+      lane m holding values 4m..4m+3 of every sub-block of 32 times its scale (Q6_K: minus 32
+      scale times the activation sums of sub-block m's two groups of 16), each lane an FMA chain
+      of d_x d_w times its float; Q4_K's mins in 4 more chains (sub-blocks 2k and 2k+1 each);
+      K_LANES x 16 floats per token, summed by `_store_klanes`."""
     nc = 2 if nt == 1 else 1
+    lanes = order == "lanes"
+    per = 16 * K_LANES if lanes else 16
 
     def typer(typingctx, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
         def codegen(context, builder, sig, args):
@@ -604,42 +620,87 @@ def _make_tile_k(qt, nt):
                 v = A.load(0, A.off((1, 1), so), _V16I8)
                 return b.sext(v, _V16I32) if signed else b.zext(v, _V16I32)
 
+            def dp(i, qv, xoff, m):  # one lane's integer dot: values 4m..4m+3 at xq[xoff]
+                x = b.load(A.ptr(2, b.add(xoff, ir.Constant(_I64, 4 * m)), _I32), align=1)
+                return _call(b, "llvm.x86.avx512.vpdpbusd.512", _V16I32, zero, qv, _splat(b, x, _V16I32))
+
             zero = ir.Constant(_V16I32, None)
-            isc, imn = [zero] * nt, [zero] * nt
-            if qt == 14:  # the -32 of every Q6_K value: sum over sub-blocks of (32 scale) (-sum x)
+            nl = 8 if lanes else 1
+            isc = [[zero] * nl for _ in range(nt)]
+            imn = [[zero] * 4 for _ in range(nt)]
+            if qt == 14:  # the -32 of every Q6_K value: (32 scale) (-sum x) over each pair of groups of 16
                 for k in range(8):
                     sp = _pairs(A, A.off((1, 1), 32 + 32 * k), True, 5)
-                    isc = [_dpwssd(A, isc[i], sp, 10, pair(i, k)) for i in range(nt)]
-            else:  # the mins: sum over sub-blocks of min * (sum x)
+                    for i in range(nt):
+                        if lanes:  # lane k takes sub-block k's two groups (ggml's q8sclsub)
+                            isc[i][k] = _dpwssd(A, isc[i][k], sp, 10, pair(i, k))
+                        else:
+                            isc[i][0] = _dpwssd(A, isc[i][0], sp, 10, pair(i, k))
+            else:  # the mins: min * (sum x) over sub-blocks 2k and 2k + 1
                 for k in range(4):
                     mp = _pairs(A, A.off((1, 1), 192 + 32 * k), False)
-                    imn = [_dpwssd(A, imn[i], mp, 10, pair(i, k)) for i in range(nt)]
+                    for i in range(nt):
+                        kk = k if lanes else 0
+                        imn[i][kk] = _dpwssd(A, imn[i][kk], mp, 10, pair(i, k))
             for j in range(8):  # 32 values at a time
                 xj = [b.add(xo[i], ir.Constant(_I64, 32 * j)) for i in range(nt)]
                 if qt == 14:  # Q6_K: two sub-blocks of 16 with int8 scales
                     qs = _quants(A, A.off((1, 1), 1312 + 256 * j), A.off((1, 1), 288 + 128 * j), 6)
                     sa, sb = bytes16(32 + 32 * j, True), bytes16(48 + 32 * j, True)
                     for i in range(nt):
-                        d = b.add(
-                            b.mul(sa, _dot(A, qs, range(4), xj[i], nc)),
-                            b.mul(sb, _dot(A, qs, range(4, 8), xj[i], nc)),
-                        )
-                        isc[i] = b.add(isc[i], d)
+                        if lanes:
+                            for m in range(8):
+                                isc[i][m] = b.add(
+                                    isc[i][m], b.mul(sa if m < 4 else sb, dp(i, qs[m], xj[i], m))
+                                )
+                        else:
+                            d = b.add(
+                                b.mul(sa, _dot(A, qs, range(4), xj[i], nc)),
+                                b.mul(sb, _dot(A, qs, range(4, 8), xj[i], nc)),
+                            )
+                            isc[i][0] = b.add(isc[i][0], d)
                 else:  # Q4_K/Q5_K: u8 scale per sub-block of 32
                     nib = A.off((1, 1), (832 if qt == 13 else 320) + 256 * j)
                     qs = _quants(A, nib, A.off((1, 1), 320 + 64 * j), 5 if qt == 13 else 4)
                     sc = bytes16(64 + 16 * j, False)
                     for i in range(nt):
-                        isc[i] = b.add(isc[i], b.mul(sc, _dot(A, qs, range(8), xj[i], nc)))
+                        if lanes:
+                            for m in range(8):
+                                isc[i][m] = b.add(isc[i][m], b.mul(sc, dp(i, qs[m], xj[i], m)))
+                        else:
+                            isc[i][0] = b.add(isc[i][0], b.mul(sc, _dot(A, qs, range(8), xj[i], nc)))
             d16 = _f16x16(A, A.int[1])
             m16 = _f16x16(A, A.off((1, 1), 32)) if qt != 14 else None
+            fma = "llvm.fma.v16f32"
             for i in range(nt):
                 xd = b.load(A.ptr(7, A.off((8, 1), (9, i)), f32))
-                ap = A.ptr(5, A.off((6, 1), 16 * i), _V16F32)
-                acc = _fma_acc(A, b.load(ap, align=1), d16, xd, isc[i])
-                if qt != 14:
-                    acc = _fma_acc(A, acc, m16, b.fneg(xd), imn[i])
-                b.store(acc, ap, align=1)
+
+                def at(v, i=i):
+                    return A.ptr(5, A.off((6, 1), per * i + 16 * v), _V16F32)
+
+                if order == "fast":
+                    acc = _fma_acc(A, b.load(at(0), align=1), d16, xd, isc[i][0])
+                    if qt != 14:
+                        acc = _fma_acc(A, acc, m16, b.fneg(xd), imn[i][0])
+                    b.store(acc, at(0), align=1)
+                elif order == "tiled":
+                    r = b.fmul(b.sitofp(isc[i][0], _V16F32), d16)
+                    if qt != 14:
+                        r = _call(b, fma, _V16F32, b.fneg(m16), b.sitofp(imn[i][0], _V16F32), r)
+                    acc = _call(b, fma, _V16F32, r, _splat(b, xd, _V16F32), b.load(at(0), align=1))
+                    b.store(acc, at(0), align=1)
+                else:
+                    d = b.fmul(_splat(b, xd, _V16F32), d16)
+                    for m in range(8):
+                        acc = _call(b, fma, _V16F32, d, b.sitofp(isc[i][m], _V16F32), b.load(at(m), align=1))
+                        b.store(acc, at(m), align=1)
+                    if qt != 14:
+                        dm = b.fmul(_splat(b, b.fneg(xd), _V16F32), m16)
+                        for k in range(4):
+                            acc = _call(
+                                b, fma, _V16F32, dm, b.sitofp(imn[i][k], _V16F32), b.load(at(8 + k), align=1)
+                            )
+                            b.store(acc, at(8 + k), align=1)
             return context.get_dummy_value()
 
         return types.none(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi), codegen
@@ -653,6 +714,11 @@ _l4_0, _l4_1, _l5_0, _l5_1, _l8_0 = (_make_tile_lanes(q, 1) for q in (2, 3, 6, 7
 _L4_0, _L4_1, _L5_0, _L5_1, _L8_0 = (_make_tile_lanes(q, NT32) for q in (2, 3, 6, 7, 8))
 _t4_k, _t5_k, _t6_k = (_make_tile_k(q, 1) for q in (12, 13, 14))
 _T4_k, _T5_k, _T6_k = (_make_tile_k(q, NT) for q in (12, 13, 14))
+# llama.cpp parity (Q4_K, Q6_K): ggml's tiled order for batches of 8 or more, its vec_dot lanes below
+_g4_k, _g6_k = (_make_tile_k(q, 1, "tiled") for q in (12, 14))
+_G4_k, _G6_k = (_make_tile_k(q, NT, "tiled") for q in (12, 14))
+_v4_k, _v6_k = (_make_tile_k(q, 1, "lanes") for q in (12, 14))
+_V4_k, _V6_k = (_make_tile_k(q, NT, "lanes") for q in (12, 14))
 
 
 # ---------------------------------------------------------------- matmul on packed records
@@ -672,6 +738,23 @@ def _store_out(out, acc, g, N, t0, tc):
 
 
 @njit(inline="always")
+def _store_klanes(out, acc, g, N, t0, tc):
+    """A K-quant lanes tile's sums: hsum_float_8 of the 8 lanes, plus the 4 min lanes reduced
+    (0 + 2) + (1 + 3), as `ggml_vec_dot_q4_K_q8_K` ends (Q6_K's min lanes stay 0)."""
+    n0 = g * 16
+    for t in range(tc):
+        a = ACC_MAX * t
+        for r in range(min(16, N - n0)):
+            x = a + r
+            r0 = acc[x] + acc[x + 64]
+            r1 = acc[x + 16] + acc[x + 80]
+            r2 = acc[x + 32] + acc[x + 96]
+            r3 = acc[x + 48] + acc[x + 112]
+            mins = (acc[x + 128] + acc[x + 160]) + (acc[x + 144] + acc[x + 176])
+            out[t0 + t, n0 + r] = ((r0 + r2) + (r1 + r3)) + mins
+
+
+@njit(inline="always")
 def _store_lanes(out, acc, g, N, t0, tc):
     """A blocks-of-32 tile's sums: ggml's hsum_float_8 of the 8 lanes ((0+4) + (2+6)) + ((1+5) +
     (3+7)), plus the min-term chain."""
@@ -688,13 +771,18 @@ def _store_lanes(out, acc, g, N, t0, tc):
 
 
 @njit(inline="always")
-def _tile(qt, nt, lanes, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
+def _tile(qt, nt, mode, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi):
     """One record block of 16 rows against nt tokens (NT / NT32, or 1), for any packed type:
-    blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si (`lanes`:
-    in ggml's order, `_make_tile_lanes`); the
-    K-quants take xd at si and the int16 sum pairs bsp at pi."""
+    blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si; the
+    K-quants take xd at si and the int16 sum pairs bsp at pi. mode: 0 the fast order; 1, 2
+    llama.cpp parity for a batch of 8 tokens or more, or fewer (`_make_tile_lanes`,
+    `_make_tile_k`'s "tiled" and "lanes"; Q5_K keeps the fast order)."""
     if qt == 12 or qt == 13 or qt == 14:
-        if nt == NT:
+        if mode == 1 and qt != 13:
+            _tile_k_parity(qt, nt, False, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif mode == 2 and qt != 13:
+            _tile_k_parity(qt, nt, True, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif nt == NT:
             if qt == 12:
                 _T4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
             elif qt == 13:
@@ -707,7 +795,7 @@ def _tile(qt, nt, lanes, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, p
             _t5_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
         else:
             _t6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
-    elif lanes:
+    elif mode:
         _tile_q32_lanes(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
     elif nt == NT32:
         if qt == 2:
@@ -730,6 +818,29 @@ def _tile(qt, nt, lanes, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, p
         _t5_1(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
     else:
         _t8_0(w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss)
+
+
+@njit(inline="always")
+def _tile_k_parity(qt, nt, small, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi):
+    if small:
+        if nt == NT:
+            if qt == 12:
+                _V4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+            else:
+                _V6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        elif qt == 12:
+            _v4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        else:
+            _v6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif nt == NT:
+        if qt == 12:
+            _G4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+        else:
+            _G6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    elif qt == 12:
+        _g4_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
+    else:
+        _g6_k(w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
 
 
 @njit(inline="always")
@@ -758,7 +869,7 @@ def _tile_q32_lanes(qt, nt, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss):
 
 
 @njit(inline="always")
-def _tiles(qt, nt, lanes, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp):
+def _tiles(qt, nt, mode, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp):
     """Tokens t_lo..t_hi of a chunk starting at t0, nt at a time, against block b's records
     (`per` accumulator floats per token)."""
     for t in range(t_lo, t_hi, nt):
@@ -766,7 +877,7 @@ def _tiles(qt, nt, lanes, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs,
         _tile(
             qt,
             nt,
-            lanes,
+            mode,
             w,
             o,
             xq,
@@ -785,16 +896,18 @@ def _tiles(qt, nt, lanes, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs,
 
 
 @njit(inline="always")
-def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, lanes):
+def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
     """out[T, N] over packed records (`rec` bytes per group and block); kq: a K-quant type
     (a literal at each entry point below, so each is compiled with its own tiles only).
-    lanes: blocks of 32 summed in ggml's order (else one FMA chain per row, faster).
+    mode: 0 one FMA chain per row (fast); 1, 2 ggml's orders for a batch of 8 tokens or more,
+    or fewer (llama.cpp parity, see `_tile`).
     xq is the flat int8 activations, row stride xk; xd, xs, xsum and bsp (`block_sums`,
     `pair_sums`) are flat [rows, xk // 32 + 1]. Each 16-row group goes to one thread, which
     runs the tokens in chunks of TC through register tiles of NT (K-quants) or NT32 tokens."""
     bs = QK_K if kq else 32
     nt = NT if kq else NT32
-    per = ACC_Q32 if lanes else 16  # accumulator floats per token
+    klanes = kq and mode == 2 and qt != 13
+    per = 16 if mode == 0 or (kq and not klanes) else ACC_MAX if klanes else ACC_Q32  # floats per token
     nb = K // bs
     ss = xk // 32 + 1
     for g in prange((N + 15) // 16):
@@ -805,30 +918,32 @@ def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, lanes):
             full = tc - tc % nt
             for b in range(nb):
                 o = (g * nb + b) * rec
-                _tiles(qt, nt, lanes, per, 0, full, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
-                _tiles(qt, 1, lanes, per, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
-            if lanes:
-                _store_lanes(out, acc, g, N, t0, tc)
-            else:
+                _tiles(qt, nt, mode, per, 0, full, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
+                _tiles(qt, 1, mode, per, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
+            if per == 16:
                 _store_out(out, acc, g, N, t0, tc)
+            elif klanes:
+                _store_klanes(out, acc, g, N, t0, tc)
+            else:
+                _store_lanes(out, acc, g, N, t0, tc)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _mm_q32(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
     """`_mm` for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (blocks of 32)."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, False)
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, 0)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _mm_q32_lanes(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
     """`_mm_q32` in ggml's float order (llama.cpp parity)."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, True)
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, False, 1)
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _mm_k(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
     """`_mm` for Q4_K/Q5_K/Q6_K super-blocks against Q8_K activations."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, False)
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, 0)
 
 
 @njit(cache=True, nogil=True)
@@ -855,3 +970,9 @@ def block_sums(xq, T, K, off, xsum):
             for j in range(32):
                 s += np.int32(xq[t, 32 * b + j])
             xsum[t, b] = off * s
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_k_parity(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, mode):
+    """`_mm_k` in ggml's orders (llama.cpp parity): mode 1 a batch of 8 or more, 2 fewer."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, mode)

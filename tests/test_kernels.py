@@ -125,7 +125,7 @@ def test_attention_f16_ggml(T, Hkv, S, pos0, window, D):
     scratch = K.AttentionScratch(Hq, Hkv, D)
     K.attention_f16_ggml(
         out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores, K.F16_TABLE,
-        scratch.lanes,
+        scratch.lanes, T,
     )  # fmt: skip
     np.testing.assert_array_equal(out, K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window))
     ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
@@ -159,6 +159,11 @@ def test_gated_activations():
         silu(a, u)
         np.testing.assert_array_equal(a, K.silu_mul_ggml_ref(g, u))
         np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+    c = np.concatenate([g, [[-12.0] * 40, [11.0] * 40]]).astype(np.float32)  # and past +-10
+    uc = np.concatenate([u, u[:2]])
+    y = c.copy()
+    K.geglu_ggml(y, uc)  # llama.cpp parity: its fp16 GELU table, computed on the fly
+    np.testing.assert_array_equal(y, K.geglu_ggml_ref(c, uc))
     b = g.copy()
     K.gelu_mul(b, u)
     gelu = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g**3)))

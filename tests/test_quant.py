@@ -273,6 +273,90 @@ def ggml_q32_matmul(x, w, q):
     return (((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])) + sm).astype(np.float32)
 
 
+def _k_fields(w, q):
+    """Integer fields of Q4_K / Q6_K rows: d, dmin (Q4_K), per-value scale, signed value."""
+    N = w.shape[0]
+    blk = w.reshape(N, -1, TYPE_SIZE[q]).astype(np.int64)
+    f16 = lambda o: w.reshape(N, -1, TYPE_SIZE[q])[..., o : o + 2].copy().view(np.float16)[..., 0]  # noqa: E731
+    if q == QType.Q6_K:
+        ql, qh, sc = blk[..., :128], blk[..., 128:192], blk[..., 192:208].astype(np.int8).astype(np.int64)
+        vals = []
+        for hh in range(2):
+            a, c, h = (
+                ql[..., 64 * hh : 64 * hh + 32],
+                ql[..., 64 * hh + 32 : 64 * hh + 64],
+                qh[..., 32 * hh : 32 * hh + 32],
+            )
+            vals += [(a & 15) | ((h & 3) << 4), (c & 15) | (((h >> 2) & 3) << 4)]
+            vals += [(a >> 4) | (((h >> 4) & 3) << 4), (c >> 4) | (((h >> 6) & 3) << 4)]
+        return f16(208).astype(np.float32), None, sc, np.concatenate(vals, -1) - 32
+    s = blk[..., 4:16]
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    qs = blk[..., 16:144].reshape(N, -1, 4, 32)
+    vals = np.concatenate(
+        [np.concatenate([qs[..., c, :] & 15, qs[..., c, :] >> 4], -1) for c in range(4)], -1
+    )
+    return f16(0).astype(np.float32), (f16(2).astype(np.float32), mn), sc, vals
+
+
+def ggml_k_matmul(x, w, q, batch):
+    """numpy transcription of ggml's x86 Q4_K / Q6_K orders: its tiled kernel for a batch of 8 tokens
+    or more, `ggml_vec_dot_q4_K_q8_K` / `_q6_K_q8_K` (8 integer lanes, 4 min lanes) below."""
+    from edgert.kernels import fma32_ref
+
+    T, N = x.shape[0], w.shape[0]
+    xq, xd = act_q8_k(x)  # [T, nb, 256], [T, nb]
+    xq = xq.astype(np.int64)
+    dw, mins, sc, vals = _k_fields(w, q)
+    per = np.repeat(sc, 256 // sc.shape[-1], -1)  # each value's scale
+    prod = (vals * per)[None] * xq[:, None]  # [T, N, nb, 256]
+    s32 = xq.reshape(T, -1, 8, 32).sum(-1)  # activation sums of 32
+    acc = np.zeros((T, N, 8), np.float32) if batch < 8 else np.zeros((T, N), np.float32)
+    accm = np.zeros((T, N, 4), np.float32)
+    for b in range(xq.shape[1]):
+        if batch >= 8:
+            r = (prod[:, :, b].sum(-1).astype(np.float32) * dw[None, :, b]).astype(np.float32)
+            if mins is not None:
+                imin = (mins[1][None, :, b] * s32[:, None, b]).sum(-1).astype(np.float32)
+                r = fma32_ref(-mins[0][None, :, b], imin, r)
+            acc = fma32_ref(r, xd[:, None, b], acc)
+            continue
+        lanes = prod[:, :, b].reshape(T, N, 8, 8, 4).sum(-1).sum(-2)  # lane m: values 4m..4m+3 of each 32
+        if q == QType.Q6_K:  # ggml moves the -32 between lanes: lane m takes sub-block m's
+            scaled = (per[None, :, b] * xq[:, None, b]).reshape(T, N, 8, 8, 4).sum(-1).sum(-2)
+            s16 = xq[:, b].reshape(T, 16, 16).sum(-1)
+            by_sub = (sc[None, :, b] * s16[:, None]).reshape(T, N, 8, 2).sum(-1)
+            lanes = lanes + 32 * scaled - 32 * by_sub
+        d = (xd[:, None, b] * dw[None, :, b]).astype(np.float32)
+        acc = fma32_ref(d[..., None], lanes.astype(np.float32), acc)
+        if mins is not None:
+            pm = (mins[1][None, :, b] * s32[:, None, b]).reshape(T, N, 4, 2).sum(-1)
+            dm = (-xd[:, None, b] * mins[0][None, :, b]).astype(np.float32)
+            accm = fma32_ref(dm[..., None], pm.astype(np.float32), accm)
+    if batch >= 8:
+        return acc
+    r = (acc[..., :4] + acc[..., 4:]).astype(np.float32)
+    m = ((accm[..., 0] + accm[..., 2]) + (accm[..., 1] + accm[..., 3])).astype(np.float32)
+    return ((((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])).astype(np.float32)) + m).astype(np.float32)
+
+
+@pytest.mark.parametrize("q", [QType.Q4_K, QType.Q6_K], ids=str)
+def test_k_matmul_in_ggml_order(q):
+    """With llama.cpp parity, packed Q4_K / Q6_K sum in the order llama.cpp picks by batch size."""
+    rng = np.random.default_rng(800 + int(q))
+    N, Kd = 37, 512
+    w = random_rows(q, N, Kd, rng)
+    P = K.pack(w, q)
+    for T, batch in ((9, 9), (3, 3), (1, 1), (1, 40)):  # (1, 40): one row of a batch of 40
+        x = rng.standard_normal((T, Kd)).astype(np.float32)
+        scratch = K.MatmulScratch(T, Kd)
+        scratch.ggml_order, scratch.ggml_batch = True, batch
+        out = np.empty((T, N), np.float32)
+        K.matmul(out, x, P, q, scratch)
+        np.testing.assert_array_equal(out, ggml_k_matmul(x, w, q, batch), err_msg=f"T={T} batch={batch}")
+
+
 @pytest.mark.parametrize("q", [QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0], ids=str)
 def test_q32_matmul_in_ggml_order(q):
     """With llama.cpp parity on, packed and raw kernels both sum blocks of 32 exactly as ggml does

@@ -304,8 +304,12 @@ def attention_block(
         keys, values = cache.update_and_fetch(k3, v.reshape(T, -1, hd), pos)
         if keys.dtype == np.float16 and ws.scratch.ggml_order:  # llama.cpp parity
             k16, v16 = keys.view(np.uint16), values.view(np.uint16)
-            scratch = (ws.scores, K.F16_TABLE, ws.attn.lanes)
-            K.attention_f16_ggml(att, q3, k16, v16, pos, a.q_scale, window, a.attn_softcap, *scratch)
+            scale = a.q_scale
+            if a.arch.startswith("gemma"):  # llama.cpp scales gemma's q itself, before its fp16 rounding
+                q3 *= np.float32(scale)
+                scale = 1.0
+            scratch = (ws.scores, K.F16_TABLE, ws.attn.lanes, ws.scratch.ggml_batch or T)
+            K.attention_f16_ggml(att, q3, k16, v16, pos, scale, window, a.attn_softcap, *scratch)
         elif keys.dtype == np.float16:
             K.attention_f16(
                 att,

@@ -84,6 +84,7 @@ class Model(Transformer):
 
     def __call__(self, tokens: np.ndarray, cache, pos: int, all_logits: bool = False) -> np.ndarray:
         a, ws, T = self.args, self.ws, len(tokens)
+        geglu = K.geglu_ggml if ws.scratch.ggml_order else K.geglu  # llama.cpp parity: its GELU table
         x = embed(ws, a, self.embed, tokens)  # (T, dim), scaled by sqrt(dim)
         for i, L in enumerate(self.layers):
             sliding = a.sliding_layers[i]
@@ -93,7 +94,7 @@ class Model(Transformer):
             K.rmsnorm(y, y, L.post_attn_norm, a.norm_eps)  # the post-norm needs the whole sum
             x += y
             K.rmsnorm(ws.h[:T], x, L.ffn_norm, a.norm_eps)
-            y = self.comm.allreduce(ffn_block(ws, self.ffn(i), T, act=K.geglu))
+            y = self.comm.allreduce(ffn_block(ws, self.ffn(i), T, act=geglu))
             K.rmsnorm(y, y, L.post_ffw_norm, a.norm_eps)
             x += y
         return head(ws, a, self.out_norm, self.head(), T, all_logits)
