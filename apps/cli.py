@@ -46,7 +46,7 @@ Parity = Annotated[
     bool,
     typer.Option(
         "--llama-parity",
-        help="Compute as llama.cpp does, bit for bit for blocks-of-32 weights; prompts run slower.",
+        help="Compute as llama.cpp does, bit for bit (all block types but Q5_K); slower.",
     ),
 ]
 

@@ -150,9 +150,10 @@ def load(
         progress: called as progress(what, done, total) while pulling or packing.
         pack_stream: streamed weights are read from a packed copy in the cache, written on
             first use, so they run on the fast kernels; False reads the model file's blocks.
-        llama_parity: sum blocks-of-32 matmuls (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in ggml's float
-            order too, so that such models compute llama.cpp's activations bit for bit (x86,
-            AVX-512 VNNI); prompts run at about half speed, decoding as fast.
+        llama_parity: sum matmuls and fp16 attention in llama.cpp's float orders too (as it
+            picks them by batch size), so that models of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q6_K
+            blocks compute llama.cpp's activations bit for bit (x86, AVX-512 VNNI); prompts run
+            at about 0.4x and decoding at about 0.8x the default speed.
     Raises:
         FormatError, UnsupportedError, ModelNotFoundError, DownloadError, OptionError (kv_bits);
         BudgetError when the budget is below the minimum working set (the message gives it);

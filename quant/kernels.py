@@ -5,11 +5,12 @@ the activations are first quantized to the weight type's `vec_dot_type` (Q8_0, Q
 rounding of ggml's x86 `quantize_row_q8_*`). Each weight block then contributes an exact integer dot
 product times float scales, as in `ggml_vec_dot_*`, for every activation row alike (prefill equals
 decode); the float sums run one FMA chain per row, so results agree with llama.cpp to float
-reassociation (about 1e-6 relative). With `scratch.ggml_order` (llama.cpp parity), blocks of 32
-(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are also summed in ggml's x86 order: 8 lanes of 4 values, one FMA
-chain each, then `hsum_float_8`; their results then equal llama.cpp's bit for bit, at about half
-the prompt speed (decode, bound by memory, runs as fast). The K-quants keep one chain per row:
-llama.cpp orders them one way for fewer than 8 tokens and another way from 8 on.
+reassociation (about 1e-6 relative). With `scratch.ggml_order` (llama.cpp parity) the packed
+kernels sum in ggml's x86 orders, so that results equal llama.cpp's bit for bit: blocks of 32
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in 8 lanes of 4 values, one FMA chain each, then `hsum_float_8`
+(the raw rows too); Q4_K and Q6_K in `ggml_vec_dot_*`'s lanes for a batch of fewer than 8 tokens
+and in ggml's tiled kernel's order from 8 on (`scratch.ggml_batch`: the batch llama.cpp would
+evaluate; pack.py's `_make_tile_k`). Q5_K, and K-quants in raw rows, keep the fast order.
 
 `w` is either the raw GGUF rows (one fused dequant-and-dot per row, below) or a `PackedWeight` from
 `pack` (pack.py: 16 rows interleaved, AVX512-VNNI kernels, several times faster; use it for models).

@@ -645,8 +645,8 @@ class Transformer:
         factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
-        # llama.cpp parity: blocks-of-32 matmuls (quant.kernels) and fp16 attention
-        # (attention_f16_ggml) in ggml's float order; norms, RoPE and SiLU always follow it
+        # llama.cpp parity: quantized matmuls (quant.kernels), fp16 attention (attention_f16_ggml)
+        # and gemma's GELU in ggml's float orders; norms, RoPE and SiLU always follow them
         self.ws.scratch.ggml_order = llama_parity
         if plan is not None and plan.streamed:
             self.streamer = self._make_streamer(plan, by_name)
