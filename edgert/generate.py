@@ -111,14 +111,21 @@ class Session:
         out = []
         step = self.model.max_tokens
         scratch = self.model.ws.scratch
-        for s in range(0, len(ids), step):
-            chunk = np.asarray(ids[s : s + step], dtype=np.int32)
-            if scratch.ggml_order:  # llama.cpp parity: the size of the batch llama.cpp would
-                ub = LLAMA_UBATCH  # evaluate these tokens in picks its kernels' float order
-                scratch.ggml_batch = min(ub, len(ids) - s // ub * ub)
-            logits = self.model(chunk, self.cache, len(self.tokens), all_logits)
-            self.tokens.extend(int(t) for t in chunk)
-            out.append(logits.copy() if all_logits else logits)
+        parity, ub = scratch.ggml_order, LLAMA_UBATCH
+        s = 0
+        try:
+            while s < len(ids):
+                e = min(s + step, len(ids))
+                if parity:  # llama.cpp parity: the size of the batch llama.cpp evaluates these
+                    e = min(e, (s // ub + 1) * ub)  # tokens in picks its kernels' float order;
+                    scratch.ggml_batch = min(ub, len(ids) - s // ub * ub)  # no chunk spans two
+                chunk = np.asarray(ids[s:e], dtype=np.int32)
+                logits = self.model(chunk, self.cache, len(self.tokens), all_logits)
+                self.tokens.extend(int(t) for t in chunk)
+                out.append(logits.copy() if all_logits else logits)
+                s = e
+        finally:
+            scratch.ggml_batch = 0  # a direct model call uses its own number of tokens
         return np.concatenate(out) if all_logits else out[-1][0]
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:

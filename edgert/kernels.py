@@ -187,7 +187,7 @@ MIN_CHUNK = 256  # and only into chunks of at least this many positions
 class AttentionScratch:
     """Buffers of split-K attention (`attention_f16`, `kv_kernels.attention_q`), allocated once
     per model (`Workspace`) for n_heads query heads: per-chunk partial outputs and softmax
-    statistics, and each work item's row buffers."""
+    statistics, and each work item's row buffers; and `attention_f16_ggml`'s per-thread lanes."""
 
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int):
         b = self._buffers(n_heads, n_kv_heads, head_dim)
@@ -202,7 +202,7 @@ class AttentionScratch:
             "part": ((CHUNKS, SPLIT_TOKENS, n_heads, head_dim), np.float32),
             "stats": ((CHUNKS, SPLIT_TOKENS, n_heads, 2), np.float64),  # sum, max
             "rows": ((max(8, n_kv_heads) * CHUNKS, 3, head_dim), np.float32),  # per work item
-            "lanes": ((nb.config.NUMBA_NUM_THREADS, 66, max(64, head_dim)), np.float32),
+            "lanes": ((nb.config.NUMBA_NUM_THREADS, 66, max(64, head_dim)), np.float32),  # attention_f16_ggml
         }
 
     @classmethod
@@ -310,7 +310,7 @@ def _f16_values(out, scores, v, row, kv, c0, c1, t0, t1, pos0, group, window, ta
 
 @nb.njit(inline="always")
 def _exps_f16(s, lo, hi, m):
-    """s[lo:hi] <- exp(s - m) as ggml computes it; returns their sum, in float64 as ggml's."""
+    """s[lo:hi] <- exp(s - m) (the C library's exp, not ggml's); their sum, in float64 as ggml's."""
     total = 0.0
     for j in range(lo, hi):
         e = np.float32(math.exp(np.float32(s[j] - m)))
@@ -521,19 +521,7 @@ def silu_ggml(x, vector):
     return x / (_F1 + np.float32(math.exp(-x)))
 
 
-# The gated activations run on one thread: a few thousand exps cost less than waking others.
-@nb.njit(cache=True)
-def silu_mul(gate, up):
-    """gate <- silu(gate) * up, in place (SwiGLU), with ggml's rounding."""
-    T, n = gate.shape
-    nv = n - n % 16
-    for t in range(T):
-        for i in range(nv):
-            gate[t, i] = silu_ggml(gate[t, i], True) * up[t, i]
-        for i in range(nv, n):
-            gate[t, i] = silu_ggml(gate[t, i], False) * up[t, i]
-
-
+# gelu_mul runs on one thread: for one token, a few thousand tanhs cost less than waking others.
 @nb.njit(cache=True, fastmath=True)
 def gelu_mul(gate, up):
     """gate <- gelu_tanh(gate) * up, in place (GeGLU, gemma)."""
@@ -602,18 +590,6 @@ def swiglu(gate, up):
 def geglu(gate, up):
     """gate <- gelu_tanh(gate) * up, as swiglu."""
     (gelu_mul if gate.shape[0] == 1 else _gelu_mul_rows)(gate, up)
-
-
-@nb.njit(cache=True)
-def _expf_array(x, out):  # test hook for expf_ggml
-    for i in range(x.shape[0]):
-        out[i] = expf_ggml(x[i])
-
-
-@nb.njit(cache=True)
-def _sum16_rows(a, out):  # test hook for sum16
-    for r in range(a.shape[0]):
-        out[r] = sum16(a[r], 0, 1)
 
 
 # ---- numpy references ------------------------------------------------------------------
@@ -718,7 +694,7 @@ def silu_mul_ggml_ref(g, u):
 
 
 def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window, batch=None):
-    """llama.cpp's non-flash attention over an fp16 cache, in its float order (see attention_f16)."""
+    """llama.cpp's non-flash attention over an fp16 cache, in its float order (see attention_f16_ggml)."""
     T, Hq, D = q.shape
     group = Hq // k16.shape[0]
     batched = (T if batch is None else batch) > 1 and D % 16 == 0

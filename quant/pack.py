@@ -726,7 +726,7 @@ _V4_k, _V6_k = (_make_tile_k(q, NT, "lanes") for q in (12, 14))
 # Groups are handed to threads dynamically, CHUNKS runs of them per thread's share: on a shared or
 # throttled CPU a descheduled thread then delays the matmul by one run, not by half its rows.
 CHUNKS = 4
-TC = 64  # tokens per chunk: a chunk's accumulators (4 KB) and activation rows stay cached across blocks
+TC = 64  # tokens per chunk: its accumulators (4 KB; 36-48 KB for parity's lanes) and activations stay cached
 
 
 @njit(inline="always")
@@ -775,8 +775,9 @@ def _tile(qt, nt, mode, w, o, xq, xo, xk, acc, ao, xd, xs, xsum, si, ss, bsp, pi
     """One record block of 16 rows against nt tokens (NT / NT32, or 1), for any packed type:
     blocks of 32 take the per-block scales xd, Q8_1 sums xs and integer sums xsum at si; the
     K-quants take xd at si and the int16 sum pairs bsp at pi. mode: 0 the fast order; 1, 2
-    llama.cpp parity for a batch of 8 tokens or more, or fewer (`_make_tile_lanes`,
-    `_make_tile_k`'s "tiled" and "lanes"; Q5_K keeps the fast order)."""
+    llama.cpp parity for a batch of 8 tokens or more, or fewer: blocks of 32 take
+    `_make_tile_lanes` in both, K-quants `_make_tile_k`'s "tiled" or "lanes" (Q5_K the fast
+    order)."""
     if qt == 12 or qt == 13 or qt == 14:
         if mode == 1 and qt != 13:
             _tile_k_parity(qt, nt, False, w, o, xq, xo, xk, acc, ao, xd, si, ss, bsp, pi)
@@ -898,7 +899,8 @@ def _tiles(qt, nt, mode, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, 
 @njit(inline="always")
 def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
     """out[T, N] over packed records (`rec` bytes per group and block); kq: a K-quant type
-    (a literal at each entry point below, so each is compiled with its own tiles only).
+    (a literal at each entry point below, so each is compiled with its own tiles only; mode is
+    a literal too, except in `_mm_k_parity`, which serves both parity modes).
     mode: 0 one FMA chain per row (fast); 1, 2 ggml's orders for a batch of 8 tokens or more,
     or fewer (llama.cpp parity, see `_tile`).
     xq is the flat int8 activations, row stride xk; xd, xs, xsum and bsp (`block_sums`,

@@ -3,6 +3,7 @@ numpy reference."""
 
 from __future__ import annotations
 
+import numba as nb
 import numpy as np
 import pytest
 
@@ -115,7 +116,8 @@ def test_attention_f16(T, Hkv, S, pos0, window):
         (1, 1, 1500, 1499, 700, 64),  # ... with a sliding window
     ],
 )
-def test_attention_f16_ggml(T, Hkv, S, pos0, window, D):
+@pytest.mark.parametrize("in_batch", [False, True])  # True: the tokens are part of a batch of 40
+def test_attention_f16_ggml(T, Hkv, S, pos0, window, D, in_batch):
     """Bit for bit llama.cpp's arithmetic (its numpy twin), and within fp16 noise of exact attention."""
     Hq = 2 * Hkv
     q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
@@ -125,11 +127,24 @@ def test_attention_f16_ggml(T, Hkv, S, pos0, window, D):
     scratch = K.AttentionScratch(Hq, Hkv, D)
     K.attention_f16_ggml(
         out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores, K.F16_TABLE,
-        scratch.lanes, T,
+        scratch.lanes, 40 if in_batch else T,
     )  # fmt: skip
-    np.testing.assert_array_equal(out, K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window))
+    want = K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window, 40 if in_batch else None)
+    np.testing.assert_array_equal(out, want)
     ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
     np.testing.assert_allclose(out, ref, atol=1e-2)
+
+
+@nb.njit
+def _expf_array(x, out):
+    for i in range(x.shape[0]):
+        out[i] = K.expf_ggml(x[i])
+
+
+@nb.njit
+def _sum16_rows(a, out):
+    for r in range(a.shape[0]):
+        out[r] = K.sum16(a[r], 0, 1)
 
 
 def test_ggml_float_primitives():
@@ -139,7 +154,7 @@ def test_ggml_float_primitives():
     )
     x = x.astype(np.float32)
     got = np.empty_like(x)
-    K._expf_array(x, got)
+    _expf_array(x, got)
     np.testing.assert_array_equal(got, K.expf_ggml_ref(x))
     fine = np.abs(x) < 87
     np.testing.assert_array_max_ulp(
@@ -147,14 +162,14 @@ def test_ggml_float_primitives():
     )
     a = rng.standard_normal((50, 16)).astype(np.float32)
     sums = np.empty(50, np.float32)
-    K._sum16_rows(a, sums)
+    _sum16_rows(a, sums)
     np.testing.assert_array_equal(sums, K.sum16_ref(a))
 
 
 def test_gated_activations():
     g = rng.standard_normal((3, 40)).astype(np.float32) * 3
     u = rng.standard_normal((3, 40)).astype(np.float32)
-    for silu in (K.silu_mul, K._silu_mul_rows):  # one token, a batch: ggml's arithmetic, 16-wide then a tail
+    for silu in (K._silu_mul_rows, K.swiglu):  # ggml's arithmetic: 16-wide, then the tail
         a = g.copy()
         silu(a, u)
         np.testing.assert_array_equal(a, K.silu_mul_ggml_ref(g, u))

@@ -348,7 +348,7 @@ def test_k_matmul_in_ggml_order(q):
     N, Kd = 37, 512
     w = random_rows(q, N, Kd, rng)
     P = K.pack(w, q)
-    for T, batch in ((9, 9), (3, 3), (1, 1), (1, 40)):  # (1, 40): one row of a batch of 40
+    for T, batch in ((9, 9), (5, 5), (3, 3), (1, 1), (1, 40)):  # (1, 40): one row of a batch of 40
         x = rng.standard_normal((T, Kd)).astype(np.float32)
         scratch = K.MatmulScratch(T, Kd)
         scratch.ggml_order, scratch.ggml_batch = True, batch
@@ -362,7 +362,7 @@ def test_q32_matmul_in_ggml_order(q):
     """With llama.cpp parity on, packed and raw kernels both sum blocks of 32 exactly as ggml does
     (so edgert's activations equal llama.cpp's bit for bit), for a batch and for one token."""
     rng = np.random.default_rng(700 + int(q))
-    N, Kd, T = 37, 512, 5
+    N, Kd, T = 37, 512, 11  # a register tile of 8 tokens, then 3 alone
     w = random_rows(q, N, Kd, rng)
     x = rng.standard_normal((T, Kd)).astype(np.float32)
     want = ggml_q32_matmul(x, w, q)

@@ -251,7 +251,7 @@ class Workspace:
             self.order = np.zeros(T * a.n_experts_used, np.int64)
         self.scratch = MatmulScratch(T, max(a.dim, ff, hq * a.head_dim))
         self.scores = np.zeros((T * hq, context), f32)  # attention_f16: one row per (token, head)
-        self.attn = K.AttentionScratch(hq, hkv, a.head_dim)  # split-K attention (decoding steps)
+        self.attn = K.AttentionScratch(hq, hkv, a.head_dim)  # split-K attention, parity lanes
 
 
 def rope_tables(a: ModelArgs, max_len: int, base: float, freq_factors: np.ndarray | None = None):
