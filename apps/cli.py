@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 import typer
 from edgert.apps import plan as plan_cmd
 
+from edgert.jit import kernels_cached, mark_kernels_cached
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -56,6 +58,12 @@ def _cache_dir() -> Path | None:
     return Path(d) if d else None
 
 
+def _home() -> Path:
+    from edgert import hub
+
+    return _cache_dir() or hub.default_cache_dir()
+
+
 def _progress():
     """A one-line progress display on stderr (only when it is a terminal)."""
     tty = sys.stderr.isatty()
@@ -92,13 +100,12 @@ def _load(
 
     from edgert import LLM, loader
     from edgert.api import set_threads
-    from edgert.jit import kernels_cached
 
     set_threads(threads)
     check_kv_bits(kv_bits)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     budget = plan_cmd.parse_budget(memory_budget, src.store.nbytes()) if memory_budget else None
-    if not kernels_cached():
+    if not kernels_cached(_home()):
         typer.echo(COMPILE_NOTICE, err=True)
     return LLM(
         src,
@@ -160,6 +167,7 @@ def run(
         sys.stdout.flush()
     sys.stdout.write("\n")
     typer.echo(_stats_line(llm.stats), err=True)
+    mark_kernels_cached(_home())
 
 
 @app.command()
@@ -237,6 +245,7 @@ def chat(
         sys.stdout.write("\n")
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(answer)})
+        mark_kernels_cached(_home())  # the first answer compiled what a chat uses
 
 
 @app.command()

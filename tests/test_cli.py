@@ -168,6 +168,18 @@ def test_run_llama_parity_prints_llama_cpps_greedy_text(real_model):
     assert r.stdout == want + "\n"
 
 
+def test_compile_notice_only_until_a_run_has_compiled(tmp_path):
+    """The first run on a new cache says it compiles; once a run has generated, later runs do
+    not, even though they never compiled the kernels that other paths use (e.g. 4-bit KV)."""
+    from edgert.apps.cli import COMPILE_NOTICE
+
+    env = {"EDGERT_HOME": str(tmp_path)}
+    first = edgert("run", TINY / "llama", "-p", "hello", "-n", "2", env=env)
+    again = edgert("run", TINY / "llama", "-p", "hello", "-n", "2", env=env)
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr, again.stderr)
+    assert COMPILE_NOTICE in first.stderr and COMPILE_NOTICE not in again.stderr
+
+
 def test_info(tiny_gguf):
     r = edgert("info", tiny_gguf)
     assert r.returncode == 0, r.stderr
