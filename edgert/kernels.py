@@ -67,6 +67,15 @@ def sum16(a, o, step):
     return (u0 + u2) + (u1 + u3)
 
 
+@nb.njit(inline="always")
+def sum64(a, tmp):
+    """ggml_vec_dot_f16's reduction of its 4 x 16 lanes a[0:64]: lane by lane (0 + 2) + (1 + 3)
+    (GGML_F32x16_REDUCE), then `sum16`. tmp: 16 floats of scratch, which may be a itself."""
+    for i in range(16):
+        tmp[i] = (a[i] + a[32 + i]) + (a[16 + i] + a[48 + i])
+    return sum16(tmp, 0, 1)
+
+
 @nb.njit(cache=True, fastmath=False)
 def rmsnorm(out, x, w, eps):
     """out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, for each row r of a 2-D x.
@@ -436,9 +445,7 @@ def _f16_score(krow, qr, L, D, table, batched):
     for d0 in range(0, dm, 64):
         for i in range(64):
             L[i] = fma32(table[krow[d0 + i]], qr[d0 + i], L[i])
-    for i in range(16):
-        L[i] = (L[i] + L[32 + i]) + (L[16 + i] + L[48 + i])
-    total = np.float64(sum16(L, 0, 1))
+    total = np.float64(sum64(L, L))
     for d in range(dm, D):
         total += np.float64(table[krow[d]] * qr[d])
     return np.float32(total)
@@ -507,9 +514,7 @@ def attention_f16_ggml(out, q, k, v, pos0, scale, window, softcap, scores, table
                 o[d] = sum16(acc[:, d], 0, 1)
         else:
             for d in range(D):
-                for i in range(16):
-                    L[i] = (acc[i, d] + acc[32 + i, d]) + (acc[16 + i, d] + acc[48 + i, d])
-                o[d] = sum16(L, 0, 1)
+                o[d] = sum64(acc[:, d], L)
 
 
 @nb.njit(inline="always")
@@ -662,6 +667,11 @@ def sum16_ref(a):
     return ((u[..., 0] + u[..., 2]) + (u[..., 1] + u[..., 3])).astype(np.float32)
 
 
+def sum64_ref(a):
+    """`sum64` over the last axis (64)."""
+    return sum16_ref(((a[..., :16] + a[..., 32:48]) + (a[..., 16:32] + a[..., 48:])).astype(np.float32))
+
+
 def rmsnorm_ggml_ref(x, w, eps):
     ss = np.array([sum(float(v) for v in (r * r).astype(np.float32)) for r in x])  # float64, in order
     mean = (ss / x.shape[1]).astype(np.float32)
@@ -716,9 +726,8 @@ def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window, batch=None):
                 acc = np.zeros((len(kk), 64), np.float32)
                 for d0 in range(0, dm, 64):
                     acc = fma32_ref(kk[:, d0 : d0 + 64], q16[t, h, d0 : d0 + 64], acc)
-                lanes = ((acc[:, :16] + acc[:, 32:48]) + (acc[:, 16:32] + acc[:, 48:])).astype(np.float32)
                 tail = (kk[:, dm:] * q16[t, h, dm:]).astype(np.float64)
-                sc = sum16_ref(lanes).astype(np.float64)
+                sc = sum64_ref(acc).astype(np.float64)
                 for d in range(dm, D):
                     sc = sc + tail[:, d - dm]
                 sc = sc.astype(np.float32)
@@ -738,8 +747,7 @@ def attention_f16_ggml_ref(q, k16, v16, pos0, scale, window, batch=None):
             if batched:
                 out[t, h] = sum16_ref(acc.T)
             else:
-                lanes = ((acc[:16] + acc[32:48]) + (acc[16:32] + acc[48:])).astype(np.float32)
-                out[t, h] = sum16_ref(lanes.T)
+                out[t, h] = sum64_ref(acc.T)
     return out
 
 

@@ -28,7 +28,6 @@ from edgert.quant.formats import BLOCK_SIZE, QK_K, TYPE_SIZE, QType, as_qtype
 from edgert.quant.pack import PackedWeight, pack  # noqa: F401  (re-exported: the matmul API)
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from edgert.errors import UnsupportedError
@@ -39,16 +38,27 @@ _F32_2M112 = np.float32(2.0**-112)
 _F32_2M24 = np.float32(2.0**-24)
 
 
-@intrinsic
-def _u32_as_f32(typingctx, u):
-    if not isinstance(u, types.Integer):
-        return None
+def _bits_as_float(width: int):
+    """An intrinsic: an integer's low `width` bits (32 or 64) read as a float32 / float64."""
+    ity, fty = ir.IntType(width), ir.FloatType() if width == 32 else ir.DoubleType()
+    nty = types.float32 if width == 32 else types.float64
 
-    def codegen(context, builder, sig, args):
-        v = builder.trunc(args[0], ir.IntType(32)) if u.bitwidth > 32 else args[0]
-        return builder.bitcast(v, ir.FloatType())
+    def typer(typingctx, u):
+        if not isinstance(u, types.Integer):
+            return None
 
-    return types.float32(u), codegen
+        def codegen(context, builder, sig, args):
+            v = args[0]
+            if u.bitwidth != width:
+                v = builder.trunc(v, ity) if u.bitwidth > width else builder.sext(v, ity)
+            return builder.bitcast(v, fty)
+
+        return nty(u), codegen
+
+    return intrinsic(typer)
+
+
+_u32_as_f32, _u64_as_f64 = _bits_as_float(32), _bits_as_float(64)
 
 
 @intrinsic
@@ -63,27 +73,13 @@ def _f32_as_u32(typingctx, f):
 
 
 @intrinsic
-def _u64_as_f64(typingctx, u):
-    if not isinstance(u, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = builder.sext(args[0], ir.IntType(64)) if u.bitwidth < 64 else args[0]
-        return builder.bitcast(v, ir.DoubleType())
-
-    return types.float64(u), codegen
-
-
-@intrinsic
 def _fma32(typingctx, a, b, c):
     """a * b + c in float32 with one rounding (llvm.fma: one vfmadd on x86)."""
     if not (a == b == c == types.float32):
         return None
 
     def codegen(context, builder, sig, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32] * 3), "llvm.fma.f32")
-        return builder.call(fn, args)
+        return _pk._call(builder, "llvm.fma.f32", ir.FloatType(), *args)
 
     return types.float32(a, b, c), codegen
 
@@ -235,8 +231,8 @@ class MatmulScratch:
         self.bsp_flat = self.bsp.reshape(-1)
         self.held = None  # (activation type, T, K) of the activations quantized in xq, for same_input
         self.derived = None  # what xsum / bsp were last computed for
-        # llama.cpp parity: blocks of 32 summed in ggml's float order (bit for bit its results, at
-        # about half the prompt speed); else one FMA chain per row
+        # llama.cpp parity: the packed kernels sum in ggml's float orders (see the module's
+        # docstring); else one FMA chain per row
         self.ggml_order = False
         self.ggml_batch = 0  # the batch llama.cpp would evaluate these rows in (0: the call's rows)
 
@@ -834,7 +830,6 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
         else:
             (_quantize_q8_0 if T == 1 else _quantize_q8_0_rows)(x, s.xq, s.xd, s.xs, kind == 1)
         s.held, s.derived = (kind, T, K), None
-    lanes = s.ggml_order and kind != 2
     # llama.cpp picks its K-quant kernel by the batch it evaluates: `ggml_batch` (>= 8: its tiled
     # kernel's order) when the caller set one, else this call's rows
     mode = 0 if not s.ggml_order else 1 if (s.ggml_batch or T) >= 8 else 2
@@ -842,17 +837,19 @@ def _packed_matmul(out, x, packed, qt: QType, s: MatmulScratch, same_input: bool
         if s.derived != (qt == QType.Q6_K):
             _pk.pair_sums(s.bsums, T, K, int(qt), s.bsp)
             s.derived = qt == QType.Q6_K
-    elif not lanes:  # (the lanes take their offsets off with the activations themselves)
+    elif not mode:  # (parity's lanes take their offsets off with the activations themselves)
         off = _pk.Q32_OFFSET[qt]
         if off and s.derived != off:
             _pk.block_sums(s.xq, T, K, off, s.xsum)
             s.derived = off
-    args = (out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
-            s.xsum_flat, s.bsp_flat, s.accs)  # fmt: skip
-    if kind == 2 and mode:
-        _pk._mm_k_parity(*args, mode)
+    if kind == 2:
+        mm = _pk._mm_k_tiled if mode == 1 else _pk._mm_k_lanes if mode == 2 else _pk._mm_k
     else:
-        (_pk._mm_k if kind == 2 else _pk._mm_q32_lanes if lanes else _pk._mm_q32)(*args)
+        mm = _pk._mm_q32_lanes if mode else _pk._mm_q32
+    mm(
+        out, packed, N, K, T, int(qt), _pk._REC[qt], s.xq_flat, s.max_k, s.xd_flat, s.xs_flat,
+        s.xsum_flat, s.bsp_flat, s.accs,
+    )  # fmt: skip
 
 
 def dequantize_rows(out: np.ndarray, w: np.ndarray, qtype: int) -> None:

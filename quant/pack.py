@@ -600,7 +600,7 @@ def _make_tile_k(qt, nt, order="fast"):
       lane m holding values 4m..4m+3 of every sub-block of 32 times its scale (Q6_K: minus 32
       scale times the activation sums of sub-block m's two groups of 16), each lane an FMA chain
       of d_x d_w times its float; Q4_K's mins in 4 more chains (sub-blocks 2k and 2k+1 each);
-      K_LANES x 16 floats per token, summed by `_store_klanes`."""
+      K_LANES x 16 floats per token, summed by `_store_lanes`."""
     nc = 2 if nt == 1 else 1
     lanes = order == "lanes"
     per = 16 * K_LANES if lanes else 16
@@ -738,36 +738,25 @@ def _store_out(out, acc, g, N, t0, tc):
 
 
 @njit(inline="always")
-def _store_klanes(out, acc, g, N, t0, tc):
-    """A K-quant lanes tile's sums: hsum_float_8 of the 8 lanes, plus the 4 min lanes reduced
-    (0 + 2) + (1 + 3), as `ggml_vec_dot_q4_K_q8_K` ends (Q6_K's min lanes stay 0)."""
+def _store_lanes(out, acc, g, N, t0, tc, per):
+    """A parity tile's sums (`per` floats a token): ggml's hsum_float_8 of the 8 lanes,
+    ((0+4) + (2+6)) + ((1+5) + (3+7)), plus what follows them: the blocks of 32's min-term chain
+    (ACC_Q32), or the K-quants' 4 min lanes reduced (0 + 2) + (1 + 3), as
+    `ggml_vec_dot_q4_K_q8_K` ends (ACC_MAX; Q6_K's stay 0)."""
     n0 = g * 16
     for t in range(tc):
-        a = ACC_MAX * t
+        a = per * t
         for r in range(min(16, N - n0)):
             x = a + r
             r0 = acc[x] + acc[x + 64]
             r1 = acc[x + 16] + acc[x + 80]
             r2 = acc[x + 32] + acc[x + 96]
             r3 = acc[x + 48] + acc[x + 112]
-            mins = (acc[x + 128] + acc[x + 160]) + (acc[x + 144] + acc[x + 176])
-            out[t0 + t, n0 + r] = ((r0 + r2) + (r1 + r3)) + mins
-
-
-@njit(inline="always")
-def _store_lanes(out, acc, g, N, t0, tc):
-    """A blocks-of-32 tile's sums: ggml's hsum_float_8 of the 8 lanes ((0+4) + (2+6)) + ((1+5) +
-    (3+7)), plus the min-term chain."""
-    n0 = g * 16
-    for t in range(tc):
-        a = ACC_Q32 * t
-        for r in range(min(16, N - n0)):
-            x = a + r
-            r0 = acc[x] + acc[x + 64]
-            r1 = acc[x + 16] + acc[x + 80]
-            r2 = acc[x + 32] + acc[x + 96]
-            r3 = acc[x + 48] + acc[x + 112]
-            out[t0 + t, n0 + r] = ((r0 + r2) + (r1 + r3)) + acc[x + 128]
+            if per == ACC_Q32:
+                rest = acc[x + 128]
+            else:
+                rest = (acc[x + 128] + acc[x + 160]) + (acc[x + 144] + acc[x + 176])
+            out[t0 + t, n0 + r] = ((r0 + r2) + (r1 + r3)) + rest
 
 
 @njit(inline="always")
@@ -899,8 +888,7 @@ def _tiles(qt, nt, mode, per, t_lo, t_hi, t0, b, w, o, bs, xq, xk, acc, xd, xs, 
 @njit(inline="always")
 def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
     """out[T, N] over packed records (`rec` bytes per group and block); kq: a K-quant type
-    (a literal at each entry point below, so each is compiled with its own tiles only; mode is
-    a literal too, except in `_mm_k_parity`, which serves both parity modes).
+    (a literal at each entry point below, as is mode, so each is compiled with its own tiles only).
     mode: 0 one FMA chain per row (fast); 1, 2 ggml's orders for a batch of 8 tokens or more,
     or fewer (llama.cpp parity, see `_tile`).
     xq is the flat int8 activations, row stride xk; xd, xs, xsum and bsp (`block_sums`,
@@ -908,8 +896,10 @@ def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
     runs the tokens in chunks of TC through register tiles of NT (K-quants) or NT32 tokens."""
     bs = QK_K if kq else 32
     nt = NT if kq else NT32
-    klanes = kq and mode == 2 and qt != 13
-    per = 16 if mode == 0 or (kq and not klanes) else ACC_MAX if klanes else ACC_Q32  # floats per token
+    if not kq:
+        per = ACC_Q32 if mode else 16  # accumulator floats per token
+    else:
+        per = ACC_MAX if mode == 2 and qt != 13 else 16
     nb = K // bs
     ss = xk // 32 + 1
     for g in prange((N + 15) // 16):
@@ -924,10 +914,8 @@ def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
                 _tiles(qt, 1, mode, per, full, tc, t0, b, w, o, bs, xq, xk, acc, xd, xs, xsum, ss, bsp)
             if per == 16:
                 _store_out(out, acc, g, N, t0, tc)
-            elif klanes:
-                _store_klanes(out, acc, g, N, t0, tc)
             else:
-                _store_lanes(out, acc, g, N, t0, tc)
+                _store_lanes(out, acc, g, N, t0, tc, per)
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -975,6 +963,12 @@ def block_sums(xq, T, K, off, xsum):
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def _mm_k_parity(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, mode):
-    """`_mm_k` in ggml's orders (llama.cpp parity): mode 1 a batch of 8 or more, 2 fewer."""
-    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, mode)
+def _mm_k_tiled(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
+    """`_mm_k` in ggml's tiled kernel's order, for a batch of 8 tokens or more (llama.cpp parity)."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, 1)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _mm_k_lanes(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs):
+    """`_mm_k` in `ggml_vec_dot_*`'s lanes, for a batch of fewer than 8 (llama.cpp parity)."""
+    _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, True, 2)

@@ -57,6 +57,20 @@ def test_attention(window, softcap):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+def _f16_case(T, Hkv, S, D):
+    """An fp16-cache attention case: q, fp16 k and v, their uint16 views, out, scores, scratch."""
+    Hq = 2 * Hkv
+    q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    bits = (k16.view(np.uint16), v16.view(np.uint16))
+    scores, scratch = np.zeros((T * Hq, S), np.float32), K.AttentionScratch(Hq, Hkv, D)
+    return q, k16, v16, bits, np.empty_like(q), scores, scratch
+
+
+def _exact_attention(q, k16, v16, pos0, window):
+    return K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
+
+
 def attention_f16_ref(q, k16, v16, pos0, scale, window):
     """ggml's non-flash attention over an fp16 cache: fp16(q) . K, softmax, fp16(p) . V."""
     T, Hq, D = q.shape
@@ -86,23 +100,17 @@ def attention_f16_ref(q, k16, v16, pos0, scale, window):
     ],
 )
 def test_attention_f16(T, Hkv, S, pos0, window):
-    Hq, D = 2 * Hkv, 32
-    q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
-    k16, v16 = k.astype(np.float16), v.astype(np.float16)
-    out = np.empty_like(q)
-    scores = np.zeros((T * Hq, S), np.float32)
-    scratch = K.AttentionScratch(Hq, Hkv, D)
+    q, k16, v16, (kb, vb), out, scores, scratch = _f16_case(T, Hkv, S, 32)
     K.attention_f16(
-        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores,
-        K.F16_TABLE, scratch.part, scratch.stats, scratch.rows, 2,
+        out, q.copy(), kb, vb, pos0, 0.2, window, 0.0, scores, K.F16_TABLE, scratch.part, scratch.stats,
+        scratch.rows, 2,
     )  # fmt: skip
     if S > 1000:  # the split took place: chunk 1 holds statistics
         assert scratch.stats[1, :T, :, 0].min() > 0
     # a probability that lands on an fp16 rounding boundary may round the other way
     np.testing.assert_allclose(out, attention_f16_ref(q, k16, v16, pos0, 0.2, window), atol=2e-3)
     # and against exact attention, the fp16 rounding costs < 1e-2
-    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
-    np.testing.assert_allclose(out, ref, atol=1e-2)
+    np.testing.assert_allclose(out, _exact_attention(q, k16, v16, pos0, window), atol=1e-2)
 
 
 @pytest.mark.parametrize(
@@ -119,20 +127,13 @@ def test_attention_f16(T, Hkv, S, pos0, window):
 @pytest.mark.parametrize("in_batch", [False, True])  # True: the tokens are part of a batch of 40
 def test_attention_f16_ggml(T, Hkv, S, pos0, window, D, in_batch):
     """Bit for bit llama.cpp's arithmetic (its numpy twin), and within fp16 noise of exact attention."""
-    Hq = 2 * Hkv
-    q, k, v = _qkv(T=T, Hq=Hq, Hkv=Hkv, S=S, D=D)
-    k16, v16 = k.astype(np.float16), v.astype(np.float16)
-    out = np.empty_like(q)
-    scores = np.zeros((T * Hq, S), np.float32)
-    scratch = K.AttentionScratch(Hq, Hkv, D)
+    q, k16, v16, (kb, vb), out, scores, scratch = _f16_case(T, Hkv, S, D)
+    batch = 40 if in_batch else T
     K.attention_f16_ggml(
-        out, q.copy(), k16.view(np.uint16), v16.view(np.uint16), pos0, 0.2, window, 0.0, scores, K.F16_TABLE,
-        scratch.lanes, 40 if in_batch else T,
-    )  # fmt: skip
-    want = K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window, 40 if in_batch else None)
-    np.testing.assert_array_equal(out, want)
-    ref = K.attention_ref(q, k16.astype(np.float32), v16.astype(np.float32), pos0, 0.2, window, 0.0)
-    np.testing.assert_allclose(out, ref, atol=1e-2)
+        out, q.copy(), kb, vb, pos0, 0.2, window, 0.0, scores, K.F16_TABLE, scratch.lanes, batch
+    )
+    np.testing.assert_array_equal(out, K.attention_f16_ggml_ref(q, k16, v16, pos0, 0.2, window, batch))
+    np.testing.assert_allclose(out, _exact_attention(q, k16, v16, pos0, window), atol=1e-2)
 
 
 @nb.njit

@@ -246,6 +246,12 @@ def test_packed_matmul(q):
     assert same_bits(outs[0], outs[1])
 
 
+def hsum8_ref(acc):
+    """ggml's hsum_float_8 over the last axis (8): ((0+4) + (2+6)) + ((1+5) + (3+7))."""
+    r = (acc[..., :4] + acc[..., 4:]).astype(np.float32)
+    return ((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])).astype(np.float32)
+
+
 def ggml_q32_matmul(x, w, q):
     """numpy transcription of ggml's x86 `ggml_vec_dot_q4_0_q8_0` / `_q4_1_q8_1` / ... (and tinyBLAS's
     per-output order for a batch): 8 lanes of 4 values each, one FMA chain per lane over the blocks,
@@ -269,8 +275,7 @@ def ggml_q32_matmul(x, w, q):
         acc = fma32_ref(d[:, :, b, None], lanes[:, :, b], acc)
         if has_min:
             sm = fma32_ref(mw[None, :, b], xs[:, None, b], sm)
-    r = (acc[..., :4] + acc[..., 4:]).astype(np.float32)
-    return (((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])) + sm).astype(np.float32)
+    return (hsum8_ref(acc) + sm).astype(np.float32)
 
 
 def _k_fields(w, q):
@@ -336,9 +341,8 @@ def ggml_k_matmul(x, w, q, batch):
             accm = fma32_ref(dm[..., None], pm.astype(np.float32), accm)
     if batch >= 8:
         return acc
-    r = (acc[..., :4] + acc[..., 4:]).astype(np.float32)
     m = ((accm[..., 0] + accm[..., 2]) + (accm[..., 1] + accm[..., 3])).astype(np.float32)
-    return ((((r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])).astype(np.float32)) + m).astype(np.float32)
+    return (hsum8_ref(acc) + m).astype(np.float32)
 
 
 @pytest.mark.parametrize("q", [QType.Q4_K, QType.Q6_K], ids=str)

@@ -53,6 +53,7 @@ class ModelArgs:
     sliding_layers: tuple[bool, ...] = ()
     rope_local_base: float = 10000.0
     attn_scale: float = 0.0  # 0: 1/sqrt(head_dim)
+    scale_q: bool = False  # the scale multiplies q before the attention (gemma, as llama.cpp does)
     embed_scale: float = 1.0
     final_softcap: float = 0.0
     attn_softcap: float = 0.0
@@ -305,7 +306,7 @@ def attention_block(
         if keys.dtype == np.float16 and ws.scratch.ggml_order:  # llama.cpp parity
             k16, v16 = keys.view(np.uint16), values.view(np.uint16)
             scale = a.q_scale
-            if a.arch.startswith("gemma"):  # llama.cpp scales gemma's q itself, before its fp16 rounding
+            if a.scale_q:  # before q's fp16 rounding, which a subnormal half makes inexact to move
                 q3 *= np.float32(scale)
                 scale = 1.0
             scratch = (ws.scores, K.F16_TABLE, ws.attn.lanes, ws.scratch.ggml_batch or T)

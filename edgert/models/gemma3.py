@@ -64,6 +64,7 @@ def _finish(a, n, dim, window, sliding, local_base, attn_scale):
         sliding_layers=sliding,
         rope_local_base=float(local_base),
         attn_scale=attn_scale,
+        scale_q=True,
         embed_scale=math.sqrt(dim),
     )
 
