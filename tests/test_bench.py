@@ -86,7 +86,7 @@ def test_stream_table():
     )
     assert "| 1.00 GiB | 0.200 | failed" in table and "| 1.40 GB/s | 0.400 | 50% |" in table
     assert "failed: no result within 600 s" in table and "| 0 / 1 |" in table
-    assert res.to_dict()["schema"] == "edgert-bench-stream/2"
+    assert res.to_dict()["schema"] == "edgert-bench-stream/3"
 
 
 def test_stream_table_over_rounds():
