@@ -794,12 +794,7 @@ def matmul(
     s = scratch
     N = w.shape[0]
     if packed is not None:
-        # groups of 16 rows go to threads dynamically, in runs of about 1/CHUNKS of a thread's share
-        chunk = numba.set_parallel_chunksize(max(1, N // (16 * _pk.CHUNKS * numba.get_num_threads())))
-        try:
-            _packed_matmul(out, x, packed, qt, s, same_input)
-        finally:
-            numba.set_parallel_chunksize(chunk)
+        _packed_matmul(out, x, packed, qt, s, same_input)
         return
     s.held = None  # the paths below overwrite xq
     wf, rs = _flat_rows(w, qt, K)

@@ -28,6 +28,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 G = 16  # rows per group: one 512-bit vector of int32 lanes
+# numba's threading layer, called by its LLVM symbols: numba's own jit-side
+# `set_parallel_chunksize` and `get_num_threads` go through ctypes pointers, which its cache
+# cannot store. The symbols exist once numba's thread pool has started (get_num_threads starts
+# it), and are declared as numba's parfor lowering declares them: both land in one LLVM module.
+numba.get_num_threads()
+_num_threads = types.ExternalFunction("get_num_threads", types.intp())
+_get_chunksize = types.ExternalFunction("get_parallel_chunksize", types.uintp())
+_set_chunksize = types.ExternalFunction("set_parallel_chunksize", types.void(types.uintp))
 HAVE_VNNI = bool(llb.get_host_cpu_features().get("avx512vnni", False))
 
 # record bytes per (group, block); other types keep their raw rows
@@ -902,6 +910,10 @@ def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
         per = ACC_MAX if mode == 2 and qt != 13 else 16
     nb = K // bs
     ss = xk // 32 + 1
+    # groups go to threads dynamically, in runs of about 1/CHUNKS of a thread's share; set here,
+    # not by the caller: numba's Python-level setter takes two locks per call (3 us a matmul)
+    chunk = _get_chunksize()
+    _set_chunksize(np.uintp(max(1, N // (16 * CHUNKS * _num_threads()))))
     for g in prange((N + 15) // 16):
         acc = accs[numba.get_thread_id()]
         for t0 in range(0, T, TC):
@@ -916,6 +928,7 @@ def _mm(out, w, N, K, T, qt, rec, xq, xk, xd, xs, xsum, bsp, accs, kq, mode):
                 _store_out(out, acc, g, N, t0, tc)
             else:
                 _store_lanes(out, acc, g, N, t0, tc, per)
+    _set_chunksize(chunk)
 
 
 @njit(parallel=True, nogil=True, cache=True)
