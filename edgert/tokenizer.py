@@ -14,14 +14,43 @@ from __future__ import annotations
 import codecs
 import heapq
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from edgert.errors import FormatError, UnsupportedError
 
 # GGUF token types (tokenizer.ggml.token_type)
 T_UNDEFINED, T_NORMAL, T_UNKNOWN, T_CONTROL, T_USER_DEFINED, T_UNUSED, T_BYTE = range(7)
+
+
+class TokenTexts(Sequence[str]):
+    """The vocabulary's texts as one UTF-8 buffer and offsets. A list of 152k `str` holds 13 MiB
+    of Python objects for the life of the model, and a memory budget counts them as the runtime's
+    own share; this holds 2 MiB. Any `str` round-trips, lone surrogates included."""
+
+    __slots__ = ("_buf", "_off")
+
+    def __init__(self, texts: Iterable[str]):
+        enc = [t.encode("utf-8", "surrogatepass") for t in texts]
+        self._off = np.zeros(len(enc) + 1, np.int64)
+        np.cumsum([len(b) for b in enc], out=self._off[1:])
+        self._buf = b"".join(enc)
+
+    def __len__(self) -> int:
+        return len(self._off) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._off) - 1
+        if not -n <= i < n:
+            raise IndexError(f"token id {i} out of range for a vocabulary of {n}")
+        i %= n
+        return self._buf[self._off[i] : self._off[i + 1]].decode("utf-8", "surrogatepass")
+
 
 # Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
 _EOG_TEXTS = frozenset(
@@ -245,8 +274,8 @@ class Tokenizer:
 
     def __init__(
         self,
-        tokens: list[str],
-        types: list[int],
+        tokens: Sequence[str],
+        types: Sequence[int],
         model: _BpeModel | _SpmModel | _HfModel,
         *,
         bos_id: int | None,
@@ -258,8 +287,10 @@ class Tokenizer:
         clean_spaces: bool = False,
         chat_template: str | None = None,
     ):
-        self.tokens = tokens
-        self.types = types
+        # (SentencePiece's own dict holds every text as a str already: a buffer would add to it)
+        self.tokens = tokens if isinstance(model, _SpmModel) else TokenTexts(tokens)
+        # one byte a token (GGUF defines types 0-6; anything else reads as undefined)
+        self.types = bytes(t if 0 <= t < 256 else T_UNDEFINED for t in types)
         self._model = model
         self.bos_id = bos_id
         self.eos_id = eos_id

@@ -12,7 +12,7 @@ import pytest
 
 from edgert.chat_template import CHATML, GEMMA, ChatTemplateError, default_template, render_chat
 from edgert.errors import FormatError, UnsupportedError
-from edgert.tokenizer import Tokenizer
+from edgert.tokenizer import Tokenizer, TokenTexts
 
 GOLDEN = Path(__file__).parent / "golden"
 KEYS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
@@ -293,3 +293,17 @@ def test_hf_folder_sentencepiece_style(tmp_path):
     assert tok.decode(ids) == "hello world 🤖"  # the "▁" the encoder prepends is dropped again
     stream = tok.stream()
     assert "".join([stream.add(i) for i in ids] + [stream.flush()]) == "hello world 🤖"
+
+
+def test_token_texts_round_trip_every_text():
+    texts = ["", "a", "Ġthe", "<|im_start|>", "你好", "🤖", "\udcff", "x\ud800y", " \t\n", "é" * 300]
+    table = TokenTexts(texts)
+    assert len(table) == len(texts)
+    assert list(table) == texts
+    assert [table[i] for i in range(-len(texts), 0)] == texts
+    assert table[2:5] == texts[2:5]
+    assert table.index("🤖") == 5
+    with pytest.raises(IndexError):
+        table[len(texts)]
+    with pytest.raises(IndexError):
+        table[-len(texts) - 1]
