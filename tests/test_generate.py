@@ -85,3 +85,33 @@ def test_real_model_chat_and_eos(smol):
 def test_real_model_stream_is_utf8_clean(smol):
     out = smol.generate("Écris une phrase en français avec des accents:", max_tokens=24, ignore_eos=True)
     assert "\ufffd" not in out and len(out) > 20
+
+
+@pytest.mark.parametrize("kv_bits", [16, 4])
+def test_decoding_allocates_no_buffers(real_model, smol, kv_bits):
+    """A decode step writes into preallocated scratch: over 64 steps the traced heap may grow by
+    the token ids the session keeps and a few Python objects, never by an array's worth (one
+    row of activations is 2.3 KiB, the logits 192 KiB). The 4-bit cache quantizes its first key
+    group (80 positions waiting) during the warm-up, which loads that kernel, and its second
+    inside the measured steps."""
+    import tracemalloc
+
+    from edgert.generate import generate_step
+    from edgert.sample import make_sampler
+
+    llm = smol if kv_bits == 16 else edgert.load(real_model("smollm2-135m"), context=256, kv_bits=4)
+    prompt = llm.tokenize("The history of the printing press, told year by year. " * 6)[:64]
+    steps = generate_step(llm.session, prompt, make_sampler(), 100)
+    for _ in range(24):  # past the prompt and the first uses of the kernels
+        next(steps)
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        for _ in range(64):
+            next(steps)
+        end, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - start < 16 << 10, f"decoding allocated: peak {peak - start} B over 64 steps"
+    assert end - start < 8 << 10
