@@ -620,26 +620,22 @@ def _deq_row(qt, row, dst, c16, with_min):
         for k in range(K):
             dst[k] = _float_at(qt, row, k)
     elif qt == 2 or qt == 3 or qt == 6 or qt == 7:
-        ts = 18 if qt == 2 else 20 if qt == 3 else 22 if qt == 6 else 24
-        qo = 2 if qt == 2 else 4 if qt == 3 else 6 if qt == 6 else 8
+        ts, qo, ho, mo, off = _q32_layout(qt)
         for b in range(K // 32):
             o = b * ts
             d = _f16(row[o], row[o + 1])
-            m = _f16(row[o + 2], row[o + 3]) if (qt == 3 or qt == 7) and with_min else np.float32(0)
-            qh = _u32(row, o + qo - 4) if qt >= 6 else np.uint32(0)
+            m = _f16(row[o + mo], row[o + mo + 1]) if mo and with_min else np.float32(0)
+            qh = _u32(row, o + ho) if ho else np.uint32(0)
             for j in range(c16):
                 q = row[o + qo + j]
                 lo = np.int32((q & np.uint8(15)) | (((qh >> j) & 1) << 4))
                 hi = np.int32((q >> np.uint8(4)) | (((qh >> (j + 16)) & 1) << 4))
-                if qt == 2:
-                    dst[b * 32 + j] = d * np.float32(lo - 8)
-                    dst[b * 32 + 16 + j] = d * np.float32(hi - 8)
-                elif qt == 6:
-                    dst[b * 32 + j] = d * np.float32(lo - 16)
-                    dst[b * 32 + 16 + j] = d * np.float32(hi - 16)
-                else:
+                if mo:  # Q4_1, Q5_1: d q + m
                     dst[b * 32 + j] = d * np.float32(lo) + m
                     dst[b * 32 + 16 + j] = d * np.float32(hi) + m
+                else:  # Q4_0, Q5_0: d (q - offset)
+                    dst[b * 32 + j] = d * np.float32(lo - off)
+                    dst[b * 32 + 16 + j] = d * np.float32(hi - off)
     elif qt == 8 or qt == 9:
         ts = 34 if qt == 8 else 36
         qo = 2 if qt == 8 else 4
