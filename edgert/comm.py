@@ -35,6 +35,11 @@ class LocalGroup:
     def member(self, i: int) -> _Member:
         return _Member(self, i)
 
+    def abort(self) -> None:
+        """A member failed: the others, waiting in an allreduce, raise BrokenBarrierError."""
+        self._gathered.abort()
+        self._done.abort()
+
     def _allreduce(self, i: int, x: np.ndarray) -> np.ndarray:
         self._parts[i] = x
         self._gathered.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 from edgert import hub, models
 from edgert.errors import BudgetError, FormatError
 from edgert.gguf import GGUFFile
-from edgert.models.base import ModelArgs, Transformer
+from edgert.models.base import ModelArgs, Shard, Transformer
 from edgert.tokenizer import Tokenizer
 from edgert.weights import TensorRef, WeightStore, gguf_catalog, safetensors_catalog
 
@@ -142,7 +142,8 @@ def build(
 
     Streamed units are read from the packed stream file in `cache_dir` (default
     ~/.cache/edgert), written on first use (`progress(what, done, total)` follows it), so
-    they run on the fast kernels; `pack_stream=False` reads them from the model file.
+    they run on the fast kernels (AVX512-VNNI); `pack_stream=False` reads them from the model
+    file, which a shard's column slices (`shard=`, cluster mode) cannot stream from.
 
     Raises:
         BudgetError: the budget is below the minimum working set (the message gives it).
@@ -161,7 +162,11 @@ def build(
             from edgert.offload.packed import stream_file
 
             cache = cache_dir or hub.default_cache_dir()
-            stream = stream_file(src.path, src.store, plan.units, plan.streamed, cache, progress)
+            shard = kw.get("shard")
+            whole = shard is None or shard == Shard.full(src.args)
+            stream = stream_file(
+                src.path, src.store, plan.units, plan.streamed, cache, progress, "" if whole else repr(shard)
+            )
     return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, stream_file=stream, **kw)
 
 
@@ -176,7 +181,7 @@ def make_plan(
     shard=None,
 ):
     """The offload plan `build` follows, for this device's `shard` of the model (None: all of
-    it); `pack_stream` as there (it needs AVX512-VNNI)."""
+    it); `pack_stream` as there."""
     from edgert.offload.memory import Memory
     from edgert.offload.plan import measured_overhead, plan_model
     from edgert.offload.profile import default_profile
@@ -197,5 +202,7 @@ def make_plan(
         kv_bits=kv_bits,
         shard=shard,
         overhead=measured_overhead(),
-        packed=pack_stream and HAVE_VNNI,
+        # the packed stream file holds records for the fast kernels (AVX512-VNNI) and a shard's
+        # column slices made contiguous (any CPU: they stream from nowhere else)
+        packed=pack_stream and (HAVE_VNNI or (shard is not None and shard != Shard.full(src.args))),
     )

@@ -53,6 +53,13 @@ class TensorRef:
             shape=(stop - start, self.shape[-1]),
         )
 
+    def elements(self, start: int, stop: int) -> TensorRef:
+        """Elements [start, stop) of a vector (a shard's share of a bias)."""
+        item = self.nbytes // self.shape[0]
+        return replace(
+            self, offset=self.offset + start * item, nbytes=(stop - start) * item, shape=(stop - start,)
+        )
+
     def split(self, name_fmt: str) -> list[TensorRef]:
         """A stacked 3-D tensor (n, rows, cols) as n 2-D refs, e.g. one per MoE expert."""
         n, r = self.shape[0], self.shape[1]
@@ -117,9 +124,9 @@ class WeightStore:
             os.close(fd)
         self._fds.clear()
 
-    def f32(self, name: str) -> np.ndarray:
+    def f32(self, ref: TensorRef | str) -> np.ndarray:
         """A small tensor (norm weights, biases) dequantized into its own float32 array."""
-        ref = self.ref(name)
+        ref = self.ref(ref) if isinstance(ref, str) else ref
         return np.ascontiguousarray(dequantize(self.raw(ref), ref.qtype, ref.shape), dtype=np.float32)
 
     def nbytes(self, prefix: str = "") -> int:

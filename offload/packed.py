@@ -19,8 +19,14 @@ rows (chunks start on 16-row groups, so the bytes are those of the whole tensor'
 Which units are in it: every unit of the model that packs, whatever the plan streams, so
 that it is written once per model: plans drift with the runtime's measured overhead and
 with the budget, and a file holding only one plan's units was rewritten on nearly every
-run. Units that cannot pack (no block type with records, a column-sliced shard, a CPU
-without VNNI) stream from the model file as before.
+run. Units that cannot pack (no block type with records, a CPU without VNNI) stream from
+the model file as before, unless they hold a column slice.
+
+A device of a cluster holds a shard: its rows of q/k/v and the FFN's gate and up, which
+are contiguous in the model file, and its columns of attn_output and ffn_down, which are
+not (one piece of every row, the other devices' pieces between). In the file those
+columns are one contiguous piece like any other tensor, so a shard streams with one read
+per unit too; the file is then the shard's own (`stream_file_path`).
 
 The file is keyed on the model files' paths, sizes and mtimes, the layout version and the
 CPU capability; it is written under a temporary name and renamed into place once complete,
@@ -41,7 +47,7 @@ from typing import NamedTuple
 
 import numpy as np
 from edgert.offload.stream import ALIGN, Layout, Piece, Read, layout
-from edgert.offload.units import Unit
+from edgert.offload.units import ColumnSlice, Unit
 from edgert.quant.pack import HAVE_VNNI, G, pack, packed_nbytes
 
 from edgert.errors import CacheError, FormatError
@@ -65,31 +71,40 @@ class Block(NamedTuple):
     """A unit's bytes in the packed file: each tensor (a catalog ref, or the row slice of one
     that the unit holds) and its piece (`pos` from the block's start), and the block's size."""
 
-    parts: tuple[tuple[TensorRef, Piece], ...]
+    parts: tuple[tuple[TensorRef | ColumnSlice, Piece], ...]
     nbytes: int
 
     @property
     def signature(self) -> str:
         """What the reader expects of the block; a file whose unit differs is rebuilt."""
-        desc = [(r.name, r.offset, r.nbytes, int(r.qtype), r.shape, tuple(p)) for r, p in self.parts]
+        shape = lambda r: (r.n_rows, r.n_cols) if type(r) is ColumnSlice else r.shape  # noqa: E731
+        desc = [(r.name, r.offset, r.nbytes, int(r.qtype), shape(r), tuple(p)) for r, p in self.parts]
         return hashlib.sha1(repr(desc).encode()).hexdigest()[:16]
 
 
 def block(unit: Unit) -> Block | None:
     """The unit's block in a packed file, or None when it gains nothing from one: none of its
-    tensors has a packed record layout here, or it holds a column slice (strided, not streamed)."""
-    if not unit.parts or not all(type(r) is TensorRef for r in unit.parts):
+    tensors has a packed record layout here and none is a column slice. A column slice (a
+    shard's rows of attn_output or ffn_down, strided in the model file) is written here as
+    one contiguous piece, records or raw rows, so that it streams as one read."""
+    if not unit.parts or not all(type(r) in (TensorRef, ColumnSlice) for r in unit.parts):
         return None
-    parts, at, packs = [], 0, False
+    parts, at, gains = [], 0, False
     for ref in sorted(unit.parts, key=lambda r: r.offset):
         n = None
-        if len(ref.shape) == 2:
-            n = packed_nbytes(ref.qtype, ref.n_rows, ref.shape[-1])
-        packs |= n is not None
-        parts.append((ref, Piece(at, n or ref.nbytes, n is not None)))
-        end = at + (n or ref.nbytes)
+        if type(ref) is ColumnSlice:
+            n = packed_nbytes(ref.qtype, ref.n_rows, ref.n_cols)
+            size = n or ref.nbytes * ref.n_rows
+            gains = True
+        else:
+            if len(ref.shape) == 2:
+                n = packed_nbytes(ref.qtype, ref.n_rows, ref.shape[-1])
+            size = n or ref.nbytes
+        gains |= n is not None
+        parts.append((ref, Piece(at, size, n is not None)))
+        end = at + size
         at = _up(end, PIECE_ALIGN)
-    return Block(tuple(parts), end) if packs else None
+    return Block(tuple(parts), end) if gains else None
 
 
 def slot_bytes(unit: Unit) -> int:
@@ -131,10 +146,12 @@ class StreamFile:
         return Layout(unit, self.path, (Read(off, size, 0, n),), size, {r.offset: p for r, p in b.parts})
 
 
-def stream_file_path(model: Path, cache_dir: Path) -> Path:
-    """The packed file of `model` in the cache: one per model path (its size, mtime and the
-    layout version are checked inside)."""
-    tag = hashlib.sha1(str(Path(model).resolve()).encode()).hexdigest()[:12]
+def stream_file_path(model: Path, cache_dir: Path, shard: str = "") -> Path:
+    """The packed file of `model` in the cache: one per model path and `shard` (a device's
+    shard, described; "" for the whole model). Its size, mtime and the layout version are
+    checked inside."""
+    key = str(Path(model).resolve()) + (f"\n{shard}" if shard else "")
+    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     return Path(cache_dir) / "packed" / f"{Path(model).name}.{tag}.packed"
 
 
@@ -173,10 +190,12 @@ def stream_file(
     streamed: Iterable[str],
     cache_dir: Path,
     progress: Progress | None = None,
+    shard: str = "",
 ) -> StreamFile | None:
     """The packed stream file holding the `streamed` units (of the model's `units`) that pack:
     the one in the cache if it is valid and has them, else built with every unit that packs
-    and renamed into place. None when none of the streamed units packs.
+    and renamed into place. None when none of the streamed units packs. `shard` describes
+    the device's shard that `units` hold ("" for the whole model): each has its own file.
 
     Raises:
         CacheError: the file cannot be written (the message names it and what to do).
@@ -186,7 +205,7 @@ def stream_file(
     want = {n for n in streamed if block(by_name[n]) is not None}
     if not want:
         return None
-    path = stream_file_path(model, cache_dir)
+    path = stream_file_path(model, cache_dir, shard)
     have = read_index(path, store)
     if have is not None and all(have.has(by_name[n]) for n in want):
         return have
@@ -247,10 +266,13 @@ class _Writer:
         self.src: dict[Path, int] = {}
         self.done = self.unsynced = 0
 
-    def piece(self, ref: TensorRef, piece: Piece, at: int) -> None:
+    def piece(self, ref: TensorRef | ColumnSlice, piece: Piece, at: int) -> None:
         src = self.src.get(ref.path)
         if src is None:
             src = self.src[ref.path] = os.open(ref.path, os.O_RDONLY)
+        if type(ref) is ColumnSlice:
+            self._column_slice(src, ref, piece, at)
+            return
         if not piece.interleaved:
             for o in range(0, ref.nbytes, CHUNK):
                 self.write(self._read(src, ref, ref.offset + o, min(CHUNK, ref.nbytes - o)), at + o)
@@ -265,7 +287,21 @@ class _Writer:
             self.write(pack(raw.reshape(n, rb), ref.qtype).data, at + r0 // G * group)
             self.progress(self.done)
 
-    def _read(self, src: int, ref: TensorRef, offset: int, n: int) -> np.ndarray:
+    def _column_slice(self, src: int, s: ColumnSlice, piece: Piece, at: int) -> None:
+        """A shard's column slice, made contiguous: whole rows are read (the other shards'
+        pieces between ours too: this is done once), ours cut out and packed or copied."""
+        step = max(G, CHUNK // s.stride // G * G)  # whole groups of rows a chunk
+        per_row = piece.nbytes // s.n_rows if not piece.interleaved else 0
+        group = packed_nbytes(s.qtype, G, s.n_cols) if piece.interleaved else 0
+        for r0 in range(0, s.n_rows, step):
+            n = min(step, s.n_rows - r0)
+            span = self._read(src, s, s.offset + r0 * s.stride, (n - 1) * s.stride + s.nbytes)
+            rows = np.lib.stride_tricks.as_strided(span, (n, s.nbytes), (s.stride, 1))
+            data = pack(rows, s.qtype).data  # records, or (without them) the rows made contiguous
+            self.write(data.reshape(-1), at + (r0 // G * group if piece.interleaved else r0 * per_row))
+            self.progress(self.done)
+
+    def _read(self, src: int, ref: TensorRef | ColumnSlice, offset: int, n: int) -> np.ndarray:
         buf = np.empty(n, np.uint8)
         got = 0
         while got < n:

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -102,7 +102,8 @@ def layout(unit: Unit) -> Layout:
     """Aligned reads for a unit's byte ranges, packed one after another into a slot.
 
     Raises:
-        UnsupportedError: a strided range (a column-sliced shard), which is not streamed yet.
+        UnsupportedError: a strided range (a shard's column slice): the packed stream file
+            holds it contiguous (edgert.offload.packed), the model file does not.
     """
     paths = {r.path for r in unit.ranges}
     if len(paths) != 1:
@@ -110,7 +111,10 @@ def layout(unit: Unit) -> Layout:
     reads, pos = [], 0
     for r in unit.ranges:
         if r.repeat != 1:
-            raise UnsupportedError(f"unit {unit.name}: streaming a column-sliced shard is not supported yet")
+            raise UnsupportedError(
+                f"unit {unit.name} holds a shard's column slice, which streams from the packed stream "
+                "file only, not from the model file (pack_stream=True; unset EDGERT_PACKED_STREAM=0)"
+            )
         lo = r.offset // ALIGN * ALIGN
         hi = -(-(r.offset + r.nbytes) // ALIGN) * ALIGN
         reads.append(Read(lo, hi - lo, pos, r.offset + r.nbytes - lo))
@@ -583,10 +587,19 @@ class SlotStore(WeightStore):
             raise ValueError(f"{ref.name} is held as packed records in unit {self.layout.unit.name}")
         return self.slot[p.pos : p.pos + ref.nbytes].reshape(-1, ref.row_bytes)
 
-    def matrix(self, ref: TensorRef) -> PackedWeight | np.ndarray:
-        """Weight `ref` for `matmul`: a PackedWeight over the slot's records, or its raw rows."""
-        p = self.layout.place(ref)
-        if not p.interleaved:
-            return self.raw(ref)
-        n_cols = ref.row_bytes // TYPE_SIZE[ref.qtype] * BLOCK_SIZE[ref.qtype]
+    def matrix(self, ref: TensorRef, cols: range | None = None) -> PackedWeight | np.ndarray:
+        """Weight `ref` for `matmul`: a PackedWeight over the slot's records, or its raw rows.
+        `cols`: the shard's column slice of it, which the packed stream file holds as one
+        piece (records, or the slice's rows made contiguous), keyed by its first byte."""
+        bs, ts = BLOCK_SIZE[ref.qtype], TYPE_SIZE[ref.qtype]
+        n_cols = ref.row_bytes // ts * bs
+        if cols is not None:
+            p = self.layout.place(replace(ref, offset=ref.offset + cols.start // bs * ts))
+            n_cols = len(cols)
+            if not p.interleaved:
+                return self.slot[p.pos : p.pos + p.nbytes].reshape(ref.n_rows, n_cols // bs * ts)
+        else:
+            p = self.layout.place(ref)
+            if not p.interleaved:
+                return self.raw(ref)
         return PackedWeight(self.slot[p.pos : p.pos + p.nbytes], ref.qtype, ref.n_rows, n_cols, True)

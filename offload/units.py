@@ -84,7 +84,7 @@ class Unit:
     per_token: float = 1.0
     rows: tuple[int, int] | None = None  # a row chunk [start, stop) of a one-tensor unit
     # The unit's tensors as it holds them (this shard's row slices, a head chunk's rows; a
-    # column slice is a _Strided): what the packed stream file packs (edgert.offload.packed).
+    # column slice is a ColumnSlice): what the packed stream file packs (edgert.offload.packed).
     parts: tuple = field(default=(), compare=False, repr=False)
 
     @property
@@ -101,7 +101,7 @@ class Unit:
             return self.nbytes
         total = 0
         for r in self.parts:
-            if isinstance(r, _Strided):  # a column slice: one piece per row
+            if isinstance(r, ColumnSlice):  # a column slice: one piece per row
                 total += resident_nbytes(r.ref.qtype, r.repeat, r.nbytes)
             elif len(r.shape) == 2:
                 total += resident_nbytes(r.qtype, r.n_rows, r.row_bytes)
@@ -212,7 +212,7 @@ def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     key = ("embedding", None, None, "") if tied else ("head", None, None, "")
     refs = groups.get(key, [])
     layer = [u.nbytes for u in out if u.layer is not None]
-    if len(refs) != 1 or not layer or isinstance(refs[0], _Strided):
+    if len(refs) != 1 or not layer or isinstance(refs[0], ColumnSlice):
         return out
     ref, limit = refs[0], max(layer)
     if ref.nbytes <= limit:
@@ -248,12 +248,14 @@ def _unit_name(kind: str, layer: int | None, expert: int | None, part: str = "")
 
 
 # ---- shard slices --------------------------------------------------------------------
-# A column slice is kept as a TensorRef whose shape is (rows, cols_of_slice) while its
-# nbytes stays one row's piece; `_pieces` tells the merge how many rows repeat.
+# A column slice is a ColumnSlice: the TensorRef of its first row's piece (nbytes: one
+# piece) and how many rows repeat it, how far apart; `_pieces` tells the merge the count.
 
 
 @dataclass(frozen=True)
-class _Strided:
+class ColumnSlice:
+    """A column slice: `repeat` rows of `nbytes` each, `stride` bytes apart from `offset`."""
+
     ref: TensorRef  # offset of the first piece; nbytes = one piece
     repeat: int
     stride: int
@@ -274,9 +276,22 @@ class _Strided:
     def offset(self) -> int:
         return self.ref.offset
 
+    @property
+    def qtype(self):
+        return self.ref.qtype
+
+    @property
+    def n_rows(self) -> int:
+        return self.repeat
+
+    @property
+    def n_cols(self) -> int:
+        """Values per row of the slice."""
+        return self.nbytes // TYPE_SIZE[self.qtype] * BLOCK_SIZE[self.qtype]
+
 
 def _pieces(r) -> int:
-    return r.repeat if isinstance(r, _Strided) else 1
+    return r.repeat if isinstance(r, ColumnSlice) else 1
 
 
 def _rows(ref: TensorRef, rows: range):
@@ -295,7 +310,7 @@ def _cols(ref: TensorRef, cols: range, width: int):
         )
     piece = (cols.stop - cols.start) // bs * ts
     first = TensorRef(ref.name, ref.path, ref.offset + cols.start // bs * ts, piece, ref.qtype, ref.shape)
-    return _Strided(first, ref.n_rows, ref.row_bytes)
+    return ColumnSlice(first, ref.n_rows, ref.row_bytes)
 
 
 def _shard_attention(ref: TensorRef, rest: str, a: ModelArgs, shard: Shard):
@@ -312,8 +327,7 @@ def _shard_attention(ref: TensorRef, rest: str, a: ModelArgs, shard: Shard):
         )
         if r is None or (r.start, r.stop) == (0, ref.shape[0]):
             return ref
-        item = ref.nbytes // ref.shape[0]
-        return TensorRef(ref.name, ref.path, ref.offset + r.start * item, len(r) * item, ref.qtype, (len(r),))
+        return ref.elements(r.start, r.stop)
     if rest.startswith("attn_q."):
         return _rows(ref, qrows)
     if rest.startswith(("attn_k.", "attn_v.")):
@@ -362,7 +376,7 @@ def _merge(refs: list, spans: dict[Path, tuple[list[int], list[int]]]) -> tuple[
     pieces = sorted(
         (
             ByteRange(r.path, r.offset, r.nbytes, r.repeat, r.stride)
-            if isinstance(r, _Strided)
+            if isinstance(r, ColumnSlice)
             else ByteRange(r.path, r.offset, r.nbytes)
             for r in refs
         ),

@@ -191,18 +191,18 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
     sliced = cols is not None and (cols.start, cols.stop) != (0, ref.shape[-1])
     bias = None
     if f"{name}.bias" in store:
-        bias = store.f32(f"{name}.bias")
-        if rows is not None:
-            bias = np.ascontiguousarray(bias[rows.start : rows.stop])
-    if not store.packs and not sliced:
+        b = store.ref(f"{name}.bias")
+        if rows is not None and (rows.start, rows.stop) != (0, b.shape[0]):
+            b = b.elements(rows.start, rows.stop)  # a shard's unit holds only these bytes
+        bias = store.f32(b)
+    if not store.packs:
         # A streamer's slot: the kernels read the weight where it lies, as the packed stream
-        # file's records or the model file's blocks (SlotStore.matrix knows which).
-        return Linear(store.matrix(ref), ref.qtype, bias)
+        # file's records or the model file's blocks (SlotStore.matrix knows which); a column
+        # slice is one piece of the packed stream file.
+        return Linear(store.matrix(ref, cols if sliced else None), ref.qtype, bias)
     raw = store.raw(ref)
     if sliced:
         raw = _cols(raw, ref.qtype, cols.start, cols.stop, ref.name)
-    if not store.packs:  # a column slice in a slot (raw blocks: it does not stream packed)
-        return Linear(raw, ref.qtype, bias)
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
     # Release the file's pages chunk by chunk as they are packed; a shard's column slice
