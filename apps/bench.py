@@ -154,7 +154,6 @@ def bench(
 
 def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python, json_out, repeat) -> None:
     from edgert.apps.plan import parse_budget
-    from edgert.offload.memory import release_library_pages
 
     from edgert import loader
     from edgert.bench_stream import format_stream_table, run_stream_bench
@@ -162,9 +161,6 @@ def _bench_stream(model, budgets, threads, ctx, decode_tokens, vs, llama_python,
 
     src = loader.open_source(loader.resolve(model))
     sizes = [parse_budget(b, src.store.nbytes()).bytes for b in budgets]
-    # A page of a library that this process maps too is one that the worker cannot hand back
-    # (madvise PAGEOUT skips shared pages), so its budget would pay for this process's import.
-    release_library_pages()
     try:
         res = run_stream_bench(
             model,

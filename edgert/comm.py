@@ -36,7 +36,8 @@ class LocalGroup:
         return _Member(self, i)
 
     def abort(self) -> None:
-        """A member failed: the others, waiting in an allreduce, raise BrokenBarrierError."""
+        """A member failed: the others, waiting in an allreduce, raise BrokenBarrierError. The
+        group is done then (its barriers stay broken)."""
         self._gathered.abort()
         self._done.abort()
 

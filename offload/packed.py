@@ -29,9 +29,10 @@ columns are one contiguous piece like any other tensor, so a shard streams with 
 per unit too; the file is then the shard's own (`stream_file_path`).
 
 The file is keyed on the model files' paths, sizes and mtimes, the layout version and the
-CPU capability; it is written under a temporary name and renamed into place once complete,
-and its header (written last) records where its index ends, which must be the file's size:
-a stale, truncated or damaged file is rebuilt, never read as weights.
+CPU capability (a shard's description is in its name); it is written under a temporary name
+and renamed into place once complete, and its header (written last) records where its index
+ends, which must be the file's size: a stale, truncated or damaged file is rebuilt, never
+read as weights.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def _up(n: int, a: int) -> int:
 
 
 class Block(NamedTuple):
-    """A unit's bytes in the packed file: each tensor (a catalog ref, or the row slice of one
-    that the unit holds) and its piece (`pos` from the block's start), and the block's size."""
+    """A unit's bytes in the packed file: each tensor (a catalog ref, the row slice of one
+    that the unit holds, or a shard's ColumnSlice of one) and its piece (`pos` from the
+    block's start), and the block's size."""
 
     parts: tuple[tuple[TensorRef | ColumnSlice, Piece], ...]
     nbytes: int
@@ -85,7 +87,7 @@ class Block(NamedTuple):
 def block(unit: Unit) -> Block | None:
     """The unit's block in a packed file, or None when it gains nothing from one: none of its
     tensors has a packed record layout here and none is a column slice. A column slice (a
-    shard's rows of attn_output or ffn_down, strided in the model file) is written here as
+    shard's columns of attn_output or ffn_down, strided in the model file) is written here as
     one contiguous piece, records or raw rows, so that it streams as one read."""
     if not unit.parts or not all(type(r) in (TensorRef, ColumnSlice) for r in unit.parts):
         return None

@@ -61,14 +61,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 from edgert.offload import packed as packed_file
-from edgert.offload.memory import ZERO, Memory, release_free_heap, release_library_pages
+from edgert.offload.memory import ZERO, Memory, release_free_heap
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
 from edgert.quant.pack import ACC_MAX, TC
 
-from edgert.errors import BudgetError
+from edgert.errors import BudgetError, UnsupportedError
 from edgert.kernels import AttentionScratch
 from edgert.models.base import ModelArgs, Shard
 from edgert.weights import WeightStore
@@ -84,25 +84,23 @@ MAX_WINDOW = 8
 # and GGUF metadata are most of the spread. Rounded up to leave ~7% headroom.
 DEFAULT_OVERHEAD = Memory(240 << 20)
 # What loading adds to a process that has opened its model (imported edgert, parsed the
-# metadata, built the tokenizer) and handed back numba's compiler pages: numba's cached
-# kernels (loading them reads some of libllvmlite back), the file pages of the tensor being
-# packed, allocator slack, the CLI. With the margin, the peak resident set (the context
-# filled, so that the KV cache is all written) stayed 20-45 MiB under the budget for the
-# three real models and the 7B (`/work/notes/s9/margin3.py`: SmolLM2 28, Gemma 3 20,
-# Qwen2.5 30, the 7B at 1.5 GB 45; Gemma 3's four block types load the most kernels).
+# metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
+# packed, allocator slack, the CLI. Measured (peak during load and decode) minus (resident
+# set once the model is opened, heap trimmed) minus the plan's allocations, with the
+# context filled so that the KV cache is all written: 43-60 MiB for the three real models
+# and the 7B (Gemma 3's four block types the most), 28-29 MiB of it libllvmlite's pages
+# that loading the cached kernels touches.
 LOAD_MARGIN = Memory(96 << 20)
 
 
 def measured_overhead() -> Memory:
     """The runtime's share of a budget for this process, measured instead of guessed: what it
-    holds now (interpreter, libraries, tokenizer: 81-113 MiB for the real models and the 7B,
-    most of the spread being the tokenizer), once the heap is trimmed and the compiler
-    library's pages are handed back (38 MiB that `import numba` leaves resident and nothing
-    runs again), plus LOAD_MARGIN. Call it after the model is opened, before it is built."""
+    holds now on a trimmed heap (interpreter, libraries, tokenizer: 124-161 MiB for the real
+    models and the 7B, most of the spread being the tokenizer) plus LOAD_MARGIN. Call it
+    after the model is opened and before it is built."""
     import psutil
 
     release_free_heap()
-    release_library_pages()
     return Memory(psutil.Process().memory_info().rss) + LOAD_MARGIN
 
 
@@ -237,14 +235,14 @@ def plan(
     best = None  # (streamed per token, used, pinned set, slot, depth)
     minimum = None
     slot_size: Callable[[Unit], int] = packed_file.slot_bytes if packed else slot_bytes
-    size = {u.name: slot_size(u) for u in movable}  # a unit's slot, with its reads' alignment
+    size = {u.name: _slot_or_pin(slot_size, u) for u in movable}  # a unit's slot, with its reads' alignment
     reads = {u.name: _packed_read(u) if packed else u.token_bytes for u in movable}  # per token, streamed
 
     def slot_for(pinned) -> int:  # the slot the units left to stream need
         return max((size[u.name] for u in movable if u not in pinned), default=0)
 
     pools = 2 if any(u.kind == "expert" for u in movable) else 1  # the window, the expert cache
-    for cap in sorted({0, *size.values()}):
+    for cap in sorted({0, *(s for s in size.values() if s < _NO_STREAM)}):
         must = [u for u in movable if size[u.name] > cap]
         base = fixed + Memory(sum(u.resident_bytes for u in must))
         need = base + Memory(pools * MIN_WINDOW * cap)
@@ -332,6 +330,18 @@ def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile
         "memory": (read + streamed + kv_read) / profile.memory_bps,
         "compute": read / profile.kernel_bps,
     }
+
+
+_NO_STREAM = 1 << 62  # the "slot" of a unit that cannot stream: it is pinned at every cap
+
+
+def _slot_or_pin(slot_size: Callable[[Unit], int], u: Unit) -> int:
+    """The slot `u` streams through, or _NO_STREAM when it cannot stream from where the plan
+    reads (a shard's column slice, strided in the model file, without the packed file)."""
+    try:
+        return slot_size(u)
+    except UnsupportedError:
+        return _NO_STREAM
 
 
 def _packed_read(u: Unit) -> float:

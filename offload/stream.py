@@ -22,8 +22,9 @@ pages are dropped from the cache with POSIX_FADV_DONTNEED once copied.
 Kernels read a streamed unit straight from its slot (no copy). A unit's bytes come either
 from the model file, as its GGUF blocks, which only the raw-layout kernels take (3-4 GB/s
 on 2 threads), or from the packed stream file (edgert.offload.packed), which holds them
-already repacked into the row-interleaved records of the packed kernels (28-30 GB/s): the
-`Layout` says which, and where each tensor lies in the slot.
+already repacked into the row-interleaved records of the packed kernels (28-30 GB/s), and
+a shard's column slices made contiguous: the `Layout` says which, and where each tensor
+lies in the slot.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Read(NamedTuple):
 
 class Piece(NamedTuple):
     """One tensor of a unit read from the packed stream file: `nbytes` at slot position `pos`,
-    packed records if `interleaved`, else the tensor's raw bytes (biases, float tensors)."""
+    packed records if `interleaved`, else the tensor's raw bytes (biases, float tensors, a
+    shard's column slice of a type without records: its rows made contiguous)."""
 
     pos: int
     nbytes: int
@@ -89,7 +91,8 @@ class Layout:
         raise KeyError(f"byte {offset} is not in unit {self.unit.name}")
 
     def place(self, ref: TensorRef) -> Piece:
-        """Where tensor `ref` (a catalog ref, or the row slice of one that the unit holds) lies."""
+        """Where tensor `ref` (a catalog ref, or the row slice of one that the unit holds; a
+        column slice is keyed by its first byte, as `SlotStore.matrix` asks for it) lies."""
         if not self.pieces:
             return Piece(self.position(ref.offset), ref.nbytes, False)
         try:
@@ -113,7 +116,7 @@ def layout(unit: Unit) -> Layout:
         if r.repeat != 1:
             raise UnsupportedError(
                 f"unit {unit.name} holds a shard's column slice, which streams from the packed stream "
-                "file only, not from the model file (pack_stream=True; unset EDGERT_PACKED_STREAM=0)"
+                "file only, not from the model file (load with pack_stream=True)"
             )
         lo = r.offset // ALIGN * ALIGN
         hi = -(-(r.offset + r.nbytes) // ALIGN) * ALIGN
