@@ -162,10 +162,9 @@ def build(
             from edgert.offload.packed import stream_file
 
             cache = cache_dir or hub.default_cache_dir()
-            shard = kw.get("shard")
-            whole = shard is None or shard == Shard.full(src.args)
+            shard = _partial(src.args, kw.get("shard"))
             stream = stream_file(
-                src.path, src.store, plan.units, plan.streamed, cache, progress, "" if whole else repr(shard)
+                src.path, src.store, plan.units, plan.streamed, cache, progress, repr(shard) if shard else ""
             )
     return module.Model(src.args, src.store, ctx, max_tokens=max_tokens, plan=plan, stream_file=stream, **kw)
 
@@ -204,5 +203,10 @@ def make_plan(
         overhead=measured_overhead(),
         # the packed stream file holds records for the fast kernels (AVX512-VNNI) and a shard's
         # column slices made contiguous (any CPU: they stream from nowhere else)
-        packed=pack_stream and (HAVE_VNNI or (shard is not None and shard != Shard.full(src.args))),
+        packed=pack_stream and (HAVE_VNNI or _partial(src.args, shard) is not None),
     )
+
+
+def _partial(args: ModelArgs, shard: Shard | None) -> Shard | None:
+    """`shard` if it is a part of the model, None if it is all of it (or not given)."""
+    return None if shard is None or shard == Shard.full(args) else shard

@@ -289,7 +289,7 @@ class Tokenizer:
     ):
         # (SentencePiece's own dict holds every text as a str already: a buffer would add to it)
         self.tokens = tokens if isinstance(model, _SpmModel) else TokenTexts(tokens)
-        # one byte a token (GGUF defines types 0-6; anything else reads as undefined)
+        # one byte a token (GGUF defines types 0-6; one a byte cannot hold reads as undefined)
         self.types = bytes(t if 0 <= t < 256 else T_UNDEFINED for t in types)
         self._model = model
         self.bos_id = bos_id

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgert.errors import FormatError, UnsupportedError
 from edgert.gguf import GGUFFile
-from edgert.quant.formats import QType, dequantize, row_nbytes
+from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType, dequantize, row_nbytes
 
 _ST_DTYPES = {"F32": QType.F32, "F16": QType.F16, "BF16": QType.BF16}
 
@@ -60,10 +60,45 @@ class TensorRef:
             self, offset=self.offset + start * item, nbytes=(stop - start) * item, shape=(stop - start,)
         )
 
+    def columns(self, start: int, stop: int) -> ColumnSlice:
+        """Columns [start, stop) of every row (a shard's share of attn_output or ffn_down).
+
+        Raises:
+            UnsupportedError: a boundary inside a quantization block.
+        """
+        bs, ts = BLOCK_SIZE[self.qtype], TYPE_SIZE[self.qtype]
+        if start % bs or stop % bs:
+            raise UnsupportedError(f"{self.name}: a shard boundary at column {start}/{stop} splits a block")
+        piece = replace(self, offset=self.offset + start // bs * ts, nbytes=(stop - start) // bs * ts)
+        return ColumnSlice(piece, self.n_rows, self.row_bytes)
+
     def split(self, name_fmt: str) -> list[TensorRef]:
         """A stacked 3-D tensor (n, rows, cols) as n 2-D refs, e.g. one per MoE expert."""
         n, r = self.shape[0], self.shape[1]
         return [self.rows(e * r, (e + 1) * r, name_fmt.format(e)) for e in range(n)]
+
+
+@dataclass(frozen=True)
+class ColumnSlice:
+    """Columns of a matrix's rows: `repeat` pieces of `ref.nbytes`, `stride` bytes apart from
+    `ref.offset`. It reads as the matrix it is (`n_rows`, `row_bytes`, `shape`), while
+    `nbytes` stays one piece, as the file's byte ranges count it."""
+
+    ref: TensorRef  # the first row's piece
+    repeat: int
+    stride: int
+
+    name = property(lambda self: self.ref.name)
+    path = property(lambda self: self.ref.path)
+    offset = property(lambda self: self.ref.offset)
+    nbytes = property(lambda self: self.ref.nbytes)
+    qtype = property(lambda self: self.ref.qtype)
+    n_rows = property(lambda self: self.repeat)
+    row_bytes = nbytes  # a row of the slice is one piece
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.repeat, self.nbytes // TYPE_SIZE[self.qtype] * BLOCK_SIZE[self.qtype]
 
 
 class WeightStore:

@@ -48,11 +48,11 @@ from typing import NamedTuple
 
 import numpy as np
 from edgert.offload.stream import ALIGN, Layout, Piece, Read, layout
-from edgert.offload.units import ColumnSlice, Unit
+from edgert.offload.units import Unit
 from edgert.quant.pack import HAVE_VNNI, G, pack, packed_nbytes
 
 from edgert.errors import CacheError, FormatError
-from edgert.weights import TensorRef, WeightStore
+from edgert.weights import ColumnSlice, TensorRef, WeightStore
 
 LAYOUT_VERSION = 1  # bump when the records or this file's layout change: old files are rebuilt
 MAGIC = b"EDGERTPK"
@@ -79,8 +79,7 @@ class Block(NamedTuple):
     @property
     def signature(self) -> str:
         """What the reader expects of the block; a file whose unit differs is rebuilt."""
-        shape = lambda r: (r.n_rows, r.n_cols) if type(r) is ColumnSlice else r.shape  # noqa: E731
-        desc = [(r.name, r.offset, r.nbytes, int(r.qtype), shape(r), tuple(p)) for r, p in self.parts]
+        desc = [(r.name, r.offset, r.nbytes, int(r.qtype), r.shape, tuple(p)) for r, p in self.parts]
         return hashlib.sha1(repr(desc).encode()).hexdigest()[:16]
 
 
@@ -93,16 +92,9 @@ def block(unit: Unit) -> Block | None:
         return None
     parts, at, gains = [], 0, False
     for ref in sorted(unit.parts, key=lambda r: r.offset):
-        n = None
-        if type(ref) is ColumnSlice:
-            n = packed_nbytes(ref.qtype, ref.n_rows, ref.n_cols)
-            size = n or ref.nbytes * ref.n_rows
-            gains = True
-        else:
-            if len(ref.shape) == 2:
-                n = packed_nbytes(ref.qtype, ref.n_rows, ref.shape[-1])
-            size = n or ref.nbytes
-        gains |= n is not None
+        n = packed_nbytes(ref.qtype, ref.n_rows, ref.shape[-1]) if len(ref.shape) == 2 else None
+        size = n or ref.n_rows * ref.row_bytes  # a column slice's rows, made contiguous
+        gains |= n is not None or type(ref) is ColumnSlice
         parts.append((ref, Piece(at, size, n is not None)))
         end = at + size
         at = _up(end, PIECE_ALIGN)
@@ -272,35 +264,26 @@ class _Writer:
         src = self.src.get(ref.path)
         if src is None:
             src = self.src[ref.path] = os.open(ref.path, os.O_RDONLY)
-        if type(ref) is ColumnSlice:
-            self._column_slice(src, ref, piece, at)
+        if piece.interleaved or type(ref) is ColumnSlice:
+            self._rows(src, ref, piece, at)
             return
-        if not piece.interleaved:
-            for o in range(0, ref.nbytes, CHUNK):
-                self.write(self._read(src, ref, ref.offset + o, min(CHUNK, ref.nbytes - o)), at + o)
-                self.progress(self.done)
-            return
-        rb = ref.row_bytes
-        group = packed_nbytes(ref.qtype, G, ref.shape[-1])  # the records of 16 rows
-        step = max(G, CHUNK // rb // G * G)  # whole groups: a chunk's records are contiguous
-        for r0 in range(0, ref.n_rows, step):
-            n = min(step, ref.n_rows - r0)
-            raw = self._read(src, ref, ref.offset + r0 * rb, n * rb)
-            self.write(pack(raw.reshape(n, rb), ref.qtype).data, at + r0 // G * group)
+        for o in range(0, ref.nbytes, CHUNK):
+            self.write(self._read(src, ref, ref.offset + o, min(CHUNK, ref.nbytes - o)), at + o)
             self.progress(self.done)
 
-    def _column_slice(self, src: int, s: ColumnSlice, piece: Piece, at: int) -> None:
-        """A shard's column slice, made contiguous: whole rows are read (the other shards'
-        pieces between ours too: this is done once), ours cut out and packed or copied."""
-        step = max(G, CHUNK // s.stride // G * G)  # whole groups of rows a chunk
-        per_row = piece.nbytes // s.n_rows if not piece.interleaved else 0
-        group = packed_nbytes(s.qtype, G, s.n_cols) if piece.interleaved else 0
-        for r0 in range(0, s.n_rows, step):
-            n = min(step, s.n_rows - r0)
-            span = self._read(src, s, s.offset + r0 * s.stride, (n - 1) * s.stride + s.nbytes)
-            rows = np.lib.stride_tricks.as_strided(span, (n, s.nbytes), (s.stride, 1))
-            data = pack(rows, s.qtype).data  # records, or (without them) the rows made contiguous
-            self.write(data.reshape(-1), at + (r0 // G * group if piece.interleaved else r0 * per_row))
+    def _rows(self, src: int, ref: TensorRef | ColumnSlice, piece: Piece, at: int) -> None:
+        """A matrix, whole groups of 16 rows at a time so that a chunk's records are contiguous,
+        packed into records, or without them (a column slice of a type that has none) copied.
+        A column slice's rows are read whole, the other shards' pieces between ours too: this
+        is done once."""
+        stride = ref.stride if type(ref) is ColumnSlice else ref.row_bytes
+        out = packed_nbytes(ref.qtype, G, ref.shape[-1]) if piece.interleaved else G * ref.row_bytes
+        step = max(G, CHUNK // stride // G * G)
+        for r0 in range(0, ref.n_rows, step):
+            n = min(step, ref.n_rows - r0)
+            span = self._read(src, ref, ref.offset + r0 * stride, (n - 1) * stride + ref.row_bytes)
+            rows = np.lib.stride_tricks.as_strided(span, (n, ref.row_bytes), (stride, 1))
+            self.write(pack(rows, ref.qtype).data.reshape(-1), at + r0 // G * out)
             self.progress(self.done)
 
     def _read(self, src: int, ref: TensorRef | ColumnSlice, offset: int, n: int) -> np.ndarray:

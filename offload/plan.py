@@ -68,7 +68,7 @@ from edgert.offload.units import Unit, units
 from edgert.quant.kv import cache_bytes
 from edgert.quant.pack import ACC_MAX, TC
 
-from edgert.errors import BudgetError, UnsupportedError
+from edgert.errors import BudgetError
 from edgert.kernels import AttentionScratch
 from edgert.models.base import ModelArgs, Shard
 from edgert.weights import WeightStore
@@ -227,22 +227,26 @@ def plan(
     if not units:
         raise ValueError("no units to plan")
     kv = Memory(kv_bytes_per_token * context)
-    always = [u for u in units if u.kind == "norms"]
-    lazy = [u for u in units if u.kind == "embedding" and u.per_token < 1.0]
-    movable = [u for u in units if u.kind != "norms" and not (u.kind == "embedding" and u.per_token < 1.0)]
+    # resident whatever the budget: the norms, and a shard's column slices where the plan reads
+    # the model file (which holds them strided: they stream from the packed stream file only)
+    stays = lambda u: u.kind == "norms" or (u.strided and not packed)  # noqa: E731
+    on_rows = lambda u: u.kind == "embedding" and u.per_token < 1.0  # noqa: E731
+    always = [u for u in units if stays(u)]
+    lazy = [u for u in units if on_rows(u)]
+    movable = [u for u in units if not stays(u) and not on_rows(u)]
     fixed = overhead + kv + workspace + Memory(sum(u.resident_bytes for u in always))
 
     best = None  # (streamed per token, used, pinned set, slot, depth)
     minimum = None
     slot_size: Callable[[Unit], int] = packed_file.slot_bytes if packed else slot_bytes
-    size = {u.name: _slot_or_pin(slot_size, u) for u in movable}  # a unit's slot, with its reads' alignment
+    size = {u.name: slot_size(u) for u in movable}  # a unit's slot, with its reads' alignment
     reads = {u.name: _packed_read(u) if packed else u.token_bytes for u in movable}  # per token, streamed
 
     def slot_for(pinned) -> int:  # the slot the units left to stream need
         return max((size[u.name] for u in movable if u not in pinned), default=0)
 
     pools = 2 if any(u.kind == "expert" for u in movable) else 1  # the window, the expert cache
-    for cap in sorted({0, *(s for s in size.values() if s < _NO_STREAM)}):
+    for cap in sorted({0, *size.values()}):
         must = [u for u in movable if size[u.name] > cap]
         base = fixed + Memory(sum(u.resident_bytes for u in must))
         need = base + Memory(pools * MIN_WINDOW * cap)
@@ -330,18 +334,6 @@ def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile
         "memory": (read + streamed + kv_read) / profile.memory_bps,
         "compute": read / profile.kernel_bps,
     }
-
-
-_NO_STREAM = 1 << 62  # the "slot" of a unit that cannot stream: it is pinned at every cap
-
-
-def _slot_or_pin(slot_size: Callable[[Unit], int], u: Unit) -> int:
-    """The slot `u` streams through, or _NO_STREAM when it cannot stream from where the plan
-    reads (a shard's column slice, strided in the model file, without the packed file)."""
-    try:
-        return slot_size(u)
-    except UnsupportedError:
-        return _NO_STREAM
 
 
 def _packed_read(u: Unit) -> float:

@@ -33,12 +33,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE
 from edgert.quant.pack import PackedWeight
 
 from edgert.errors import FormatError, UnsupportedError
@@ -111,13 +110,13 @@ def layout(unit: Unit) -> Layout:
     paths = {r.path for r in unit.ranges}
     if len(paths) != 1:
         raise UnsupportedError(f"unit {unit.name} spans {len(paths)} files; a unit streams from one file")
+    if unit.strided:
+        raise UnsupportedError(
+            f"unit {unit.name} holds a shard's column slice, which streams from the packed stream "
+            "file only, not from the model file (load with pack_stream=True)"
+        )
     reads, pos = [], 0
     for r in unit.ranges:
-        if r.repeat != 1:
-            raise UnsupportedError(
-                f"unit {unit.name} holds a shard's column slice, which streams from the packed stream "
-                "file only, not from the model file (load with pack_stream=True)"
-            )
         lo = r.offset // ALIGN * ALIGN
         hi = -(-(r.offset + r.nbytes) // ALIGN) * ALIGN
         reads.append(Read(lo, hi - lo, pos, r.offset + r.nbytes - lo))
@@ -584,25 +583,19 @@ class SlotStore(WeightStore):
         self.slot = slot
 
     def raw(self, ref) -> np.ndarray:
+        """A tensor's raw rows in the slot (a column slice's as the packed file holds them)."""
         ref = self.ref(ref) if isinstance(ref, str) else ref
         p = self.layout.place(ref)
         if p.interleaved:
             raise ValueError(f"{ref.name} is held as packed records in unit {self.layout.unit.name}")
-        return self.slot[p.pos : p.pos + ref.nbytes].reshape(-1, ref.row_bytes)
+        return self.slot[p.pos : p.pos + ref.n_rows * ref.row_bytes].reshape(-1, ref.row_bytes)
 
     def matrix(self, ref: TensorRef, cols: range | None = None) -> PackedWeight | np.ndarray:
         """Weight `ref` for `matmul`: a PackedWeight over the slot's records, or its raw rows.
-        `cols`: the shard's column slice of it, which the packed stream file holds as one
-        piece (records, or the slice's rows made contiguous), keyed by its first byte."""
-        bs, ts = BLOCK_SIZE[ref.qtype], TYPE_SIZE[ref.qtype]
-        n_cols = ref.row_bytes // ts * bs
-        if cols is not None:
-            p = self.layout.place(replace(ref, offset=ref.offset + cols.start // bs * ts))
-            n_cols = len(cols)
-            if not p.interleaved:
-                return self.slot[p.pos : p.pos + p.nbytes].reshape(ref.n_rows, n_cols // bs * ts)
-        else:
-            p = self.layout.place(ref)
-            if not p.interleaved:
-                return self.raw(ref)
-        return PackedWeight(self.slot[p.pos : p.pos + p.nbytes], ref.qtype, ref.n_rows, n_cols, True)
+        `cols`: the shard's columns of it, which the packed stream file holds as one piece
+        (records, or the slice's rows made contiguous)."""
+        part = ref if cols is None else ref.columns(cols.start, cols.stop)
+        p = self.layout.place(part)
+        if not p.interleaved:
+            return self.raw(part)
+        return PackedWeight(self.slot[p.pos : p.pos + p.nbytes], ref.qtype, part.n_rows, part.shape[-1], True)

@@ -33,12 +33,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE
 from edgert.quant.pack import resident_nbytes
 
 from edgert.errors import UnsupportedError
 from edgert.models.base import ModelArgs, Shard
-from edgert.weights import TensorRef, WeightStore
+from edgert.weights import ColumnSlice, TensorRef, WeightStore
 
 KINDS = ("embedding", "attention", "ffn", "expert", "head", "norms")
 _MAX_PAD = 4096  # GGUF aligns tensors to general.alignment (32 by default); padding is never larger
@@ -88,6 +87,12 @@ class Unit:
     parts: tuple = field(default=(), compare=False, repr=False)
 
     @property
+    def strided(self) -> bool:
+        """It holds a shard's column slice: one piece per row, which the model file interleaves
+        with the other shards' pieces (the packed stream file holds it contiguous)."""
+        return any(r.repeat != 1 for r in self.ranges)
+
+    @property
     def read_bytes(self) -> int:
         """Bytes the unit's reads cover: nbytes plus any alignment padding merged in."""
         return sum(r.total for r in self.ranges)
@@ -101,9 +106,7 @@ class Unit:
             return self.nbytes
         total = 0
         for r in self.parts:
-            if isinstance(r, ColumnSlice):  # a column slice: one piece per row
-                total += resident_nbytes(r.ref.qtype, r.repeat, r.nbytes)
-            elif len(r.shape) == 2:
+            if len(r.shape) == 2:  # a matrix, or a shard's column slice of one
                 total += resident_nbytes(r.qtype, r.n_rows, r.row_bytes)
             else:
                 total += max(r.nbytes, 4 * r.shape[0])
@@ -248,46 +251,8 @@ def _unit_name(kind: str, layer: int | None, expert: int | None, part: str = "")
 
 
 # ---- shard slices --------------------------------------------------------------------
-# A column slice is a ColumnSlice: the TensorRef of its first row's piece (nbytes: one
-# piece) and how many rows repeat it, how far apart; `_pieces` tells the merge the count.
-
-
-@dataclass(frozen=True)
-class ColumnSlice:
-    """A column slice: `repeat` rows of `nbytes` each, `stride` bytes apart from `offset`."""
-
-    ref: TensorRef  # offset of the first piece; nbytes = one piece
-    repeat: int
-    stride: int
-
-    @property
-    def name(self) -> str:
-        return self.ref.name
-
-    @property
-    def nbytes(self) -> int:
-        return self.ref.nbytes
-
-    @property
-    def path(self) -> Path:
-        return self.ref.path
-
-    @property
-    def offset(self) -> int:
-        return self.ref.offset
-
-    @property
-    def qtype(self):
-        return self.ref.qtype
-
-    @property
-    def n_rows(self) -> int:
-        return self.repeat
-
-    @property
-    def n_cols(self) -> int:
-        """Values per row of the slice."""
-        return self.nbytes // TYPE_SIZE[self.qtype] * BLOCK_SIZE[self.qtype]
+# A column slice is a ColumnSlice (edgert.weights): one piece per row; `_pieces` tells the
+# merge how many rows repeat it.
 
 
 def _pieces(r) -> int:
@@ -303,14 +268,7 @@ def _rows(ref: TensorRef, rows: range):
 def _cols(ref: TensorRef, cols: range, width: int):
     if (cols.start, cols.stop) == (0, width):
         return ref
-    bs, ts = BLOCK_SIZE[ref.qtype], TYPE_SIZE[ref.qtype]
-    if cols.start % bs or cols.stop % bs:
-        raise UnsupportedError(
-            f"{ref.name}: a shard boundary at column {cols.start}/{cols.stop} splits a block"
-        )
-    piece = (cols.stop - cols.start) // bs * ts
-    first = TensorRef(ref.name, ref.path, ref.offset + cols.start // bs * ts, piece, ref.qtype, ref.shape)
-    return ColumnSlice(first, ref.n_rows, ref.row_bytes)
+    return ref.columns(cols.start, cols.stop)
 
 
 def _shard_attention(ref: TensorRef, rest: str, a: ModelArgs, shard: Shard):

@@ -20,36 +20,6 @@ def halves(r: range) -> tuple[range, range]:
     return range(r.start, mid), range(mid, r.stop)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe", "mixtral"])
-def test_two_shards_equal_one_device(arch):
-    src = loader.open_source(TINY / arch)
-    full = Shard.full(src.args)
-    ids = np.load(TINY / arch / "reference.npz")["prompt_ids"]
-
-    whole = loader.build(src, context=64, max_tokens=32, kv_dtype=np.float32)
-    want = whole(ids, whole.make_cache(), 0, all_logits=True).copy()
-
-    kv, ffn, ex = halves(full.kv), halves(full.ffn), halves(full.experts)
-    group = LocalGroup(2)
-    shards = [Shard(kv[i], ffn[i], ex[i], full.expert_ffn) for i in range(2)]
-    models = [
-        loader.build(src, context=64, max_tokens=32, kv_dtype=np.float32, shard=s, comm=group.member(i))
-        for i, s in enumerate(shards)
-    ]
-    out: list[np.ndarray | None] = [None, None]
-
-    def run(i):
-        out[i] = models[i](ids, models[i].make_cache(), 0, all_logits=True).copy()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    for got in out:
-        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-
-
 def _run_group(group: LocalGroup, models_, tokens: np.ndarray, caches, pos: int) -> list[np.ndarray]:
     """One forward on every device of a group at once (their allreduce waits for all); a
     device's error is raised here, the others woken from their allreduce."""
@@ -74,6 +44,40 @@ def _run_group(group: LocalGroup, models_, tokens: np.ndarray, caches, pos: int)
     return out
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe", "mixtral"])
+def test_two_shards_equal_one_device(arch):
+    src = loader.open_source(TINY / arch)
+    full = Shard.full(src.args)
+    ids = np.load(TINY / arch / "reference.npz")["prompt_ids"]
+
+    whole = loader.build(src, context=64, max_tokens=32, kv_dtype=np.float32)
+    want = whole(ids, whole.make_cache(), 0, all_logits=True).copy()
+
+    kv, ffn, ex = halves(full.kv), halves(full.ffn), halves(full.experts)
+    group = LocalGroup(2)
+    shards = [Shard(kv[i], ffn[i], ex[i], full.expert_ffn) for i in range(2)]
+    models = [
+        loader.build(src, context=64, max_tokens=32, kv_dtype=np.float32, shard=s, comm=group.member(i))
+        for i, s in enumerate(shards)
+    ]
+    out = _run_group(group, models, ids, [m.make_cache() for m in models], 0)
+    for got in out:
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def _least_plan(store, a, ctx: int, shard: Shard, packed: bool):
+    """The shard's plan at the smallest budget it runs in, counting no runtime overhead."""
+    from edgert.offload.memory import Memory
+    from edgert.offload.plan import plan_model
+    from edgert.offload.profile import default_profile
+
+    prof, _ = default_profile(None)
+    kw = dict(shard=shard, overhead=Memory(0), packed=packed)
+    return plan_model(
+        store, a, plan_model(store, a, Memory(1 << 40), ctx, prof, **kw).minimum, ctx, prof, **kw
+    )
+
+
 @pytest.mark.parametrize("quant", ["f32", "Q4_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
 def test_shards_stream_their_column_slices(arch, quant, tmp_path):
@@ -83,10 +87,7 @@ def test_shards_stream_their_column_slices(arch, quant, tmp_path):
     through a prompt and decode steps they compute what the same shards compute resident,
     bit for bit. From the model file, which holds the slices strided, a plan pins them."""
     from edgert.offload import packed
-    from edgert.offload.memory import Memory
-    from edgert.offload.plan import plan_model
-    from edgert.offload.profile import default_profile
-    from edgert.offload.units import ColumnSlice, units
+    from edgert.offload.units import units
 
     from edgert import models
     from edgert.convert import convert
@@ -99,22 +100,17 @@ def test_shards_stream_their_column_slices(arch, quant, tmp_path):
         shards = [Shard(kv[i], ffn[i], full.experts, eff[i]) for i in range(2)]
     else:
         shards = [Shard(kv[i], ffn[i], ex[i]) for i in range(2)]
-    prof, _ = default_profile(None)
-    mod, zero, ctx = models.module_for(a.arch), Memory(0), 64
+    mod, ctx = models.module_for(a.arch), 64
     resident, streamed, files = [], [], set()
     groups = LocalGroup(2), LocalGroup(2)
     for i, s in enumerate(shards):
         store = loader.open_source(path).store
         us = {u.name: u for u in units(store, a, s)}
-        has_slice = {n for n, u in us.items() if any(type(r) is ColumnSlice for r in u.parts)}
+        has_slice = {n for n, u in us.items() if u.strided}
         # from the model file a column slice cannot stream: every plan pins it
-        lo_raw = plan_model(
-            store, a, Memory(1 << 40), ctx, prof, shard=s, overhead=zero, packed=False
-        ).minimum
-        raw = plan_model(store, a, lo_raw, ctx, prof, shard=s, overhead=zero, packed=False)
+        raw = _least_plan(store, a, ctx, s, packed=False)
         assert has_slice <= set(raw.pinned) and (raw.streamed or a.n_experts)  # mixtral pins all
-        lo = plan_model(store, a, Memory(1 << 40), ctx, prof, shard=s, overhead=zero, packed=True).minimum
-        p = plan_model(store, a, lo, ctx, prof, shard=s, overhead=zero, packed=True)
+        p = _least_plan(store, a, ctx, s, packed=True)
         sliced = [n for n in p.streamed if n in has_slice]
         assert sliced, "no column slice streams"
         sf = packed.stream_file(path, store, list(us.values()), p.streamed, tmp_path / "cache", shard=repr(s))
