@@ -73,13 +73,13 @@ def _progress():
         if total > 1 << 20:
             line = f"{what}: {done / 2**20:7.1f} / {total / 2**20:.1f} MiB ({100 * done / total:3.0f}%)"
         else:
-            line = f"{what} ({done}/{total})"
+            line = f"{what}: {done}/{total}"
         if tty:
-            sys.stderr.write("\r\033[K" + line + ("\n" if done >= total and total > 1 << 20 else ""))
+            sys.stderr.write("\r\033[K" + line + ("\n" if done >= total else ""))
             sys.stderr.flush()
-        elif line.split(":")[0] != last[0]:
+        elif what != last[0]:  # a log gets each step's first line
             sys.stderr.write(line + "\n")
-        last[0] = line.split(":")[0]
+        last[0] = what
 
     return show
 
@@ -105,7 +105,7 @@ def _load(
     check_kv_bits(kv_bits)
     src = loader.open_source(loader.resolve(model, _cache_dir(), _progress()))  # bad input fails here
     budget = plan_cmd.parse_budget(memory_budget, src.store.nbytes()) if memory_budget else None
-    if not kernels_cached(_home()):
+    if budget is None and not kernels_cached(_home()):  # a budget compiles them all first, with progress
         typer.echo(COMPILE_NOTICE, err=True)
     return LLM(
         src,

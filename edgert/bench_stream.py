@@ -206,7 +206,7 @@ def run_stream_bench(
     Raises:
         BenchError: no cgroup or drop_caches (not root), or llama.cpp is missing.
     """
-    from edgert import loader
+    from edgert import hub, jit, loader
     from edgert.bench import find_llama_python, prompt_ids
 
     say = progress or (lambda _m: None)
@@ -214,6 +214,8 @@ def run_stream_bench(
     src = loader.open_source(path)
     py = find_llama_python(llama_python) if vs_llama else None
     MemoryCgroup(1 << 40, f"edgert-bench-probe-{os.getpid()}").remove()  # refuse early, clearly
+    # here, not in the first run's cgroup (compiling takes more memory than the run)
+    jit.ensure_compiled(hub.default_cache_dir(), lambda what, done, total: done == total and say(what))
     drop_caches()
     ids = prompt_ids(src.tokenizer, 8)
     spec = dict(model=str(path.resolve()), ctx=ctx, threads=threads, prompt=ids, decode_tokens=decode_tokens)

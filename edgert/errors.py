@@ -39,3 +39,7 @@ class ClusterError(EdgertError):
 
 class CacheError(EdgertError):
     """A file edgert keeps in its cache folder (the packed stream file) cannot be written."""
+
+
+class CompileError(EdgertError):
+    """Compiling the kernels ahead of a budgeted run failed."""

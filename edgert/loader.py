@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgert import hub, models
+from edgert import hub, jit, models
 from edgert.errors import BudgetError, FormatError
 from edgert.gguf import GGUFFile
 from edgert.models.base import ModelArgs, Shard, Transformer
@@ -157,6 +157,8 @@ def build(
         plan = make_plan(
             src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16), pack_stream, kw.get("shard")
         )
+        # a budgeted process never compiles: compiling takes far more memory than running
+        jit.ensure_compiled(cache_dir or hub.default_cache_dir(), progress)
         src.store.drop_cache = True  # what is packed leaves the page cache too
         if plan.packed and plan.streamed:
             from edgert.offload.packed import stream_file

@@ -6,6 +6,7 @@ session. A model that cannot be fetched fails the test that needs it: none is sk
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -48,3 +49,35 @@ def real_model():
         return _verified[key]
 
     return get
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every kernel specialization the suite ran is in edgert/kernel_signatures.json, the table
+    a budgeted run compiles ahead of time (edgert.jit): one that is missing would compile
+    inside the budget. The session fails and names it; EDGERT_WRITE_KERNEL_SIGNATURES=1 adds
+    what the session compiled to the table instead."""
+    import sys
+
+    if "numba" not in sys.modules:
+        return
+    from edgert import jit
+
+    table = jit.signatures()
+    seen = jit.compiled_signatures()
+    missing = {k: [s for s in v if s not in table.get(k, [])] for k, v in seen.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    if not missing:
+        return
+    if os.environ.get("EDGERT_WRITE_KERNEL_SIGNATURES"):
+        for k, v in missing.items():
+            table[k] = sorted(table.get(k, []) + v)
+        jit.SIGNATURES.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
+        return
+    lines = [f"  {k}{s}" for k, v in missing.items() for s in v]
+    sys.stderr.write(
+        "\nkernel specializations missing from edgert/kernel_signatures.json (a budgeted run would "
+        "compile them inside its budget; EDGERT_WRITE_KERNEL_SIGNATURES=1 pytest adds them):\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

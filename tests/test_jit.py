@@ -1,0 +1,50 @@
+"""Compiling the kernels ahead of a budgeted run (edgert.jit)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edgert import jit
+from edgert.errors import CompileError
+
+
+def test_signature_table_reads_back_as_numba_writes_it():
+    table = jit.signatures()
+    assert sum(map(len, table.values())) > 40
+    for key, sigs in table.items():
+        for sig in sigs:
+            assert f"({', '.join(map(str, jit.parse_signature(sig)))})" == sig, key
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+def test_parts_cover_the_table_once_and_keep_a_kernel_whole(parts):
+    table = jit.signatures()
+    todo = [jit._part(table, i, parts) for i in range(parts)]
+    flat = [kv for part in todo for kv in part]
+    assert sorted(flat) == sorted((k, s) for k, v in table.items() for s in v)
+    owners = {}
+    for i, part in enumerate(todo):
+        for key, _ in part:
+            assert owners.setdefault(key, i) == i  # one index file, one writer
+
+
+def test_ensure_compiled_runs_children_once_and_marks(tmp_path, monkeypatch):
+    jit.ensure_compiled(tmp_path)  # numba's cache holds them already here: children load them
+    assert list((tmp_path / "compiled").glob("all-*"))
+    assert jit.kernels_cached(tmp_path)
+
+    def no_child(*a, **k):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    jit.ensure_compiled(tmp_path)
+
+
+def test_a_failing_compile_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(CompileError, match="compiling edgert's kernels failed: exit status 1"):
+        jit.ensure_compiled(tmp_path)
+    assert not list((tmp_path / "compiled").glob("all-*"))
