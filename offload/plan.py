@@ -61,7 +61,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 from edgert.offload import packed as packed_file
-from edgert.offload.memory import ZERO, Memory, release_free_heap
+from edgert.offload.memory import ZERO, Memory, release_free_heap, release_library_pages
 from edgert.offload.profile import DeviceProfile
 from edgert.offload.stream import slot_bytes
 from edgert.offload.units import Unit, units
@@ -84,23 +84,26 @@ MAX_WINDOW = 8
 # and GGUF metadata are most of the spread. Rounded up to leave ~7% headroom.
 DEFAULT_OVERHEAD = Memory(240 << 20)
 # What loading adds to a process that has opened its model (imported edgert, parsed the
-# metadata, built the tokenizer): numba's cached kernels, the file pages of the tensor being
-# packed, allocator slack, the CLI. Measured (peak during load and decode) minus (resident
-# set once the model is opened, heap trimmed) minus the plan's allocations, with the
-# context filled so that the KV cache is all written: 43-60 MiB for the three real models
-# and the 7B (Gemma 3's four block types the most), 28-29 MiB of it libllvmlite's pages
-# that loading the cached kernels touches.
+# metadata, built the tokenizer) and handed back numba's compiler pages: numba's cached
+# kernels (loading them reads some of libllvmlite back; a budgeted process never compiles
+# one, edgert.jit), the file pages of the tensor being packed, allocator slack, the CLI.
+# With the margin, the peak resident set (the context filled, so that the KV cache is all
+# written) stayed 19-45 MiB under the budget for the three real models and the 7B
+# (`/work/notes/s9/margin3.py`: SmolLM2 27, Gemma 3 19, Qwen2.5 30, the 7B at 1.5 GB 45;
+# Gemma 3's four block types load the most kernels).
 LOAD_MARGIN = Memory(96 << 20)
 
 
 def measured_overhead() -> Memory:
     """The runtime's share of a budget for this process, measured instead of guessed: what it
-    holds now on a trimmed heap (interpreter, libraries, tokenizer: 124-161 MiB for the real
-    models and the 7B, most of the spread being the tokenizer) plus LOAD_MARGIN. Call it
-    after the model is opened and before it is built."""
+    holds now (interpreter, libraries, tokenizer: 81-113 MiB for the real models and the 7B,
+    most of the spread being the tokenizer), once the heap is trimmed and the compiler
+    library's pages are handed back (38 MiB that `import numba` leaves resident and nothing
+    runs again), plus LOAD_MARGIN. Call it after the model is opened, before it is built."""
     import psutil
 
     release_free_heap()
+    release_library_pages()
     return Memory(psutil.Process().memory_info().rss) + LOAD_MARGIN
 
 
