@@ -22,6 +22,7 @@ import numpy as np
 
 from edgert.errors import FormatError, UnsupportedError
 from edgert.names import gguf_name, stacked_name
+from edgert.rope import llama3_factors
 
 # HF model_type -> GGUF architecture string (llama.cpp MODEL_ARCH_NAMES).
 ARCH = {
@@ -302,19 +303,7 @@ def _llama3_rope_freqs(hp: _HParams) -> _Out:
     rp = hp.rope
     dim = int(hp.get("head_dim", default=int(hp.need("hidden_size")) // hp.n_head))
     base = float(rp.get("rope_theta", 10000.0))
-    factor = float(rp.get("factor", 8.0))
-    lo_f, hi_f = float(rp.get("low_freq_factor", 1.0)), float(rp.get("high_freq_factor", 4.0))
-    old_ctx = float(rp.get("original_max_position_embeddings", 8192))
-
-    def make() -> np.ndarray:
-        freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-        wavelen = 2 * math.pi / freqs
-        smooth = (old_ctx / wavelen - lo_f) / (hi_f - lo_f)
-        out = 1.0 / ((1 - smooth) / factor + smooth)
-        out = np.where(wavelen < old_ctx / hi_f, 1.0, np.where(wavelen > old_ctx / lo_f, factor, out))
-        return out.astype(np.float32)
-
-    return _Out("rope_freqs.weight", (dim // 2,), make)
+    return _Out("rope_freqs.weight", (dim // 2,), lambda: llama3_factors(rp, dim, base))
 
 
 def _check_complete(hp: _HParams, have: dict[str, _Out], tied: bool) -> None:

@@ -16,7 +16,7 @@ from edgert import hub
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 GOLDEN = Path(__file__).parent / "golden"
-TINY_ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe"]
+TINY_ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe", "llama3"]
 REAL_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"]
 
 

@@ -23,6 +23,7 @@ from edgert.offload.stream import RowReader
 from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
 from edgert.quant.kv import QuantKVCache, check_kv_bits
+from edgert.rope import llama3_factors
 from edgert.weights import WeightStore
 
 # ---- config --------------------------------------------------------------------------
@@ -44,6 +45,7 @@ class ModelArgs:
     n_rot: int
     context_length: int
     rope_scale: float = 1.0  # linear RoPE scaling: angle * rope_scale
+    rope_factors: tuple[float, ...] = ()  # Llama 3 scaling from a config: frequency i / factor i
     n_experts: int = 0
     n_experts_used: int = 0
     expert_ffn_dim: int = 0
@@ -120,11 +122,15 @@ def args_from_hf(cfg: dict[str, Any], arch: str, **overrides) -> ModelArgs:
         rope = rope["full_attention"]
     n_heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-    scale = 1.0
-    if rope.get("rope_type", rope.get("type")) == "linear":
+    scale, factors = 1.0, ()
+    rope_type = rope.get("rope_type", rope.get("type"))
+    rope_base = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if rope_type == "linear":
         scale = 1.0 / float(rope["factor"])
-    elif rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise UnsupportedError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    elif rope_type == "llama3":
+        factors = tuple(float(f) for f in llama3_factors(rope, head_dim, rope_base))
+    elif rope_type not in (None, "default"):
+        raise UnsupportedError(f"RoPE scaling {rope_type!r} is not supported")
     kw = dict(
         arch=arch,
         n_layers=cfg["num_hidden_layers"],
@@ -135,11 +141,12 @@ def args_from_hf(cfg: dict[str, Any], arch: str, **overrides) -> ModelArgs:
         ffn_dim=cfg.get("intermediate_size", 0),
         vocab_size=cfg["vocab_size"],
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_base=rope_base,
         rope_neox=True,
         n_rot=int(head_dim * cfg.get("partial_rotary_factor", 1.0)),
         context_length=cfg.get("max_position_embeddings", 4096),
         rope_scale=scale,
+        rope_factors=factors,
         n_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
         n_experts_used=cfg.get("num_experts_per_tok", 0),
         expert_ffn_dim=cfg.get("moe_intermediate_size", 0),
@@ -643,7 +650,10 @@ class Transformer:
             L if None not in (L.gate, L.up, L.down) else StreamedFFN(self, i)
             for i, L in enumerate(self.layers)
         ]
-        factors = store.f32("rope_freqs") if "rope_freqs.weight" in store else None
+        # Llama 3 scaling: GGUF stores the factors as a tensor, a checkpoint in its config
+        factors = store.f32("rope_freqs.weight") if "rope_freqs.weight" in store else None
+        if factors is None and a.rope_factors:
+            factors = np.array(a.rope_factors, np.float32)
         self.rope = rope_tables(a, context, a.rope_base, factors)
         self.ws = Workspace(a, self.shard, max_tokens, context)
         # llama.cpp parity: quantized matmuls (quant.kernels), fp16 attention (attention_f16_ggml)

@@ -152,12 +152,26 @@ COMMON = dict(
     pad_token_id=None,
 )
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+# Wavelengths 2*pi*10000^(2i/16): 6.3 keeps its frequency (< 64/4), 20 and 63 blend, the rest
+# are divided by 8 (> 64/1); the prompt's 24 positions turn those enough to change the logits.
+ROPE_LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def make_config(arch: str):
     if arch == "llama":
         return LlamaForCausalLM, LlamaConfig(
             **COMMON, num_hidden_layers=2, rope_parameters=ROPE, tie_word_embeddings=False
+        )
+    if arch == "llama3":  # Llama 3's RoPE scaling, its thresholds moved into the tiny model's range
+        return LlamaForCausalLM, LlamaConfig(
+            **COMMON, num_hidden_layers=2, rope_parameters=ROPE_LLAMA3, tie_word_embeddings=False
         )
     if arch == "qwen2":
         return Qwen2ForCausalLM, Qwen2Config(
@@ -214,7 +228,7 @@ def make_config(arch: str):
     raise SystemExit(f"unknown arch {arch!r}")
 
 
-ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe"]
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mixtral", "qwen3_moe", "llama3"]
 
 
 # --------------------------------------------------------------------------- weights
