@@ -144,23 +144,24 @@ class WeightStore:
         (6.18 on ext4, here) maps a whole large folio on a fault, so reading a 4 KiB norm
         maps up to 2 MiB of the weights beside it, and over a model's load those pages added
         up to 50 MiB (SmolLM2: peak RSS 241 MiB, 40 over what it holds). Unmapping a page
-        another tensor still reads only costs a refault from the page cache."""
+        another tensor still reads only costs a refault from the page cache. The page cache
+        drops only the bytes' own pages: a neighbour's may be read next."""
         mm = self._maps.get(ref.path)
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED") or ref.nbytes == 0:
             return
         lo, hi = ref.offset, ref.offset + ref.nbytes
         if rows is not None:
             lo, hi = ref.offset + rows[0] * ref.row_bytes, ref.offset + rows[1] * ref.row_bytes
+        if hi <= lo:
+            return
         start = lo // _FOLIO * _FOLIO
-        end = min(-(-hi // _FOLIO) * _FOLIO, mm.shape[0] // mmap.PAGESIZE * mmap.PAGESIZE)
-        if end > start:
-            mm._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
-            if not self.drop_cache:
-                return
+        mm._mmap.madvise(mmap.MADV_DONTNEED, start, -(-hi // _FOLIO) * _FOLIO - start)  # clamped to the file
+        first, last = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, hi // mmap.PAGESIZE * mmap.PAGESIZE
+        if self.drop_cache and last > first:
             fd = self._fds.get(ref.path)
             if fd is None:
                 fd = self._fds[ref.path] = os.open(ref.path, os.O_RDONLY)
-            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, first, last - first, os.POSIX_FADV_DONTNEED)
 
     def release(self) -> None:
         """Drop the file mappings (a later `raw` maps the file again)."""
