@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -48,3 +50,19 @@ def test_a_failing_compile_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CompileError, match="compiling edgert's kernels failed: exit status 1"):
         jit.ensure_compiled(tmp_path)
     assert not list((tmp_path / "compiled").glob("all-*"))
+
+
+def test_processes_that_start_together_compile_once(tmp_path, monkeypatch):
+    calls = []
+
+    def compile_slowly(progress):
+        calls.append(1)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(jit, "_compile_in_children", compile_slowly)
+    threads = [threading.Thread(target=jit.ensure_compiled, args=(tmp_path,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and list((tmp_path / "compiled").glob("all-*"))
