@@ -8,7 +8,9 @@ print(llm.generate("The capital of France is", max_tokens=16))
 from edgert.api import LLM, load
 from edgert.errors import (
     BudgetError,
+    CacheError,
     ClusterError,
+    CompileError,
     ContextError,
     DownloadError,
     EdgertError,
@@ -38,4 +40,6 @@ __all__ = [
     "BudgetError",
     "ClusterError",
     "OptionError",
+    "CacheError",
+    "CompileError",
 ]
