@@ -1,17 +1,19 @@
 """Residency units: what the streamer moves between disk and memory, as byte ranges.
 
 A unit is a group of tensors that the forward needs at the same moment: the attention
-block of layer i (q, k, v, o and their biases), each projection of its dense FFN (gate, up
-and down, with their biases; in an MoE layer, the router and any shared expert), one MoE
-expert of layer i, the token embedding, the output head, and the norms (every per-channel
-vector of the model, a few KiB per layer). Every tensor of the catalog is in exactly one
-unit.
+block of layer i (q, k, v, o and their biases), its dense FFN (gate, up and down, with their
+biases; in an MoE layer, the router and any shared expert), one MoE expert of layer i, the
+token embedding, the output head, and the norms (every per-channel vector of the model, a
+few KiB per layer). Every tensor of the catalog is in exactly one unit.
 
-The FFN is three units, not one, because the streamer's slots are all the size of the
-largest streamed unit: a whole FFN is 3-5x an attention block (126 MiB against 17 MiB in a
-7B Q4_K_M), so one-FFN slots left the reader idle while an FFN computed, and cost most of a
-window's bytes. Its projections are within 1.5x of each other and of an attention block's
-size, so the same bytes buy a deeper window and the reader runs further ahead.
+Where a model's FFN projections are large (SPLIT_FFN, 16 MiB), each is a unit of its own,
+because the streamer's slots are all the size of the largest streamed unit: a whole FFN is
+3-5x an attention block (126 MiB against 17 MiB in a 7B Q4_K_M), so one-FFN slots left the
+reader idle while an FFN computed, and cost most of a window's bytes. Its projections are
+within 1.5x of each other and of an attention block's size, so the same bytes buy a deeper
+window and the reader runs further ahead. Where they are small, the whole FFN is one unit,
+and so one read: a few MiB per read is slower on a disk than tens (Qwen2.5-0.5B's 8.6 MiB
+FFN read at 1.58-1.76 GB/s while decoding, its 2-5 MiB projections at 1.32-1.47).
 
 A unit's reads are its tensors' byte ranges, merged where they touch (or are separated
 only by the file's alignment padding), so a layer's attention block is as few large reads
@@ -118,6 +120,14 @@ class Unit:
         return self.nbytes * self.per_token
 
 
+# A dense FFN's projections are units of their own where one is this large (the 7B's are
+# 36-53 MiB: whole-FFN slots would be a tenth of a 1.5 GB budget each, and the reader idled
+# behind them), and the FFN is one unit where they are smaller: a streamed unit is one read,
+# and reads of a few MiB run slower on a disk than reads of tens (O_DIRECT, two in flight,
+# this VM: 1.42-1.46 GB/s for 3.5 MiB, 1.68 GB/s for 14 MiB).
+SPLIT_FFN = 16 << 20
+
+
 def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> list[Unit]:
     """The model's residency units, in forward order: embedding, then per layer attention,
     FFN and experts, then the head (absent when tied to the embedding), then the norms.
@@ -132,6 +142,11 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
     full = Shard.full(args)
     shard = shard or full
     groups: dict[tuple[str, int | None, int | None, str], list[TensorRef]] = {}
+    split_ffn = (
+        not args.n_experts
+        and max((r.nbytes for n, r in store.refs.items() if _LAYER.match(n) and ".ffn_" in n), default=0)
+        >= SPLIT_FFN
+    )
 
     def add(kind: str, layer: int | None, expert: int | None, ref: TensorRef, part: str = "") -> None:
         groups.setdefault((kind, layer, expert, part), []).append(ref)
@@ -160,7 +175,7 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
             elif rest.startswith("attn_"):
                 add("attention", i, None, _shard_attention(ref, rest, args, shard))
             elif rest.startswith("ffn_"):
-                part = "" if args.n_experts else rest.split(".")[0][4:]  # gate | up | down
+                part = rest.split(".")[0][4:] if split_ffn else ""  # gate | up | down
                 add("ffn", i, None, _shard_ffn(ref, rest, shard, full), part)
             elif len(ref.shape) == 1:
                 add("norms", None, None, ref)

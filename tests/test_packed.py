@@ -105,7 +105,7 @@ def test_holds_every_unit_so_any_plan_reuses_it(real_model, tmp_path):
     a = packed.stream_file(src.path, store, us, ["blk.0.attention"], tmp_path)
     assert set(a.units) == {u.name for u in us if packed.block(u) is not None}  # (a tied embedding)
     stat = os.stat(a.path)
-    b = packed.stream_file(src.path, store, us, ["blk.1.ffn_up", "blk.7.attention"], tmp_path)
+    b = packed.stream_file(src.path, store, us, ["blk.1.ffn", "blk.7.attention"], tmp_path)
     assert b.units == a.units and os.stat(b.path).st_ino == stat.st_ino
     assert os.stat(b.path).st_mtime_ns == stat.st_mtime_ns
 

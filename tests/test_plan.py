@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REAL_MODELS, TINY, cache_dir
+from edgert.offload import units as units_module
 from edgert.offload.memory import Memory, _malloc_trim
 from edgert.offload.plan import (
     DEFAULT_OVERHEAD,
@@ -30,7 +31,7 @@ from edgert.offload.profile import (
     shipped_profiles,
 )
 from edgert.offload.stream import slot_bytes
-from edgert.offload.units import Unit, units
+from edgert.offload.units import SPLIT_FFN, Unit, units
 from edgert.quant.pack import HAVE_VNNI
 
 from edgert.errors import BudgetError, FormatError
@@ -144,7 +145,9 @@ def _covered(us: list[Unit]) -> list[tuple]:
     return sorted(out)
 
 
-def test_units_cover_every_tensor_once(real_model):
+@pytest.mark.parametrize("split_ffn", [SPLIT_FFN, 0], ids=["by-size", "projections"])
+def test_units_cover_every_tensor_once(real_model, split_ffn, monkeypatch):
+    monkeypatch.setattr(units_module, "SPLIT_FFN", split_ffn)  # 0: every FFN projection a unit
     for src in _sources(real_model):
         us = units(src.store, src.args)
         chunks = [u for u in us if u.rows is not None]  # a big head, split into row chunks
@@ -165,11 +168,18 @@ def test_units_cover_every_tensor_once(real_model):
                 assert any(r.offset <= part.offset and part.offset + part.nbytes <= r.end for r in u.ranges)
         assert {u.kind for u in us} <= {"embedding", "attention", "ffn", "expert", "head", "norms"}
         dense = [u for u in us if u.kind in ("attention", "ffn")]
-        per_layer = 2 if src.args.n_experts else 4  # an MoE layer's FFN unit is its router
+        # a dense FFN's projections are units of their own where one is SPLIT_FFN or larger,
+        # else the FFN is one unit; an MoE layer's FFN unit is its router
+        largest = max(r.nbytes for n, r in src.store.refs.items() if ".ffn_" in n and n.startswith("blk."))
+        split = not src.args.n_experts and largest >= split_ffn
+        per_layer = 4 if split else 2
         assert len(dense) == per_layer * src.args.n_layers and all(u.per_token == 1.0 for u in dense)
-        if not src.args.n_experts:  # forward order: the dense FFN as gate, up, down
-            names = [u.name for u in us if u.layer == 0]
+        names = [u.name for u in us if u.layer == 0]
+        if split:  # forward order: the dense FFN as gate, up, down
             assert names == ["blk.0.attention", "blk.0.ffn_gate", "blk.0.ffn_up", "blk.0.ffn_down"]
+        elif not src.args.n_experts:
+            assert names == ["blk.0.attention", "blk.0.ffn"]
+            assert len(next(u for u in us if u.name == "blk.0.ffn").tensors) == 3
 
 
 def test_unit_resident_bytes_are_what_loading_holds(real_model):
@@ -210,7 +220,7 @@ def test_units_merge_reads(real_model):
     src = open_source(real_model("qwen2.5-coder-0.5b"))
     us = {u.name: u for u in units(src.store, src.args)}
     # q, k, v, o and their biases sit together in the file: one read per block
-    assert len(us["blk.0.attention"].ranges) == 1 and len(us["blk.0.ffn_down"].ranges) == 1
+    assert len(us["blk.0.attention"].ranges) == 1 and len(us["blk.0.ffn"].ranges) == 1
     assert us["head.0"].kind == "head" and us["embedding"].per_token < 1e-4  # untied: rows on demand
     smol = open_source(real_model("smollm2-135m"))
     emb = next(u for u in units(smol.store, smol.args) if u.kind == "embedding")

@@ -80,14 +80,20 @@ def _least_plan(store, a, ctx: int, shard: Shard, packed: bool):
 
 @pytest.mark.parametrize("quant", ["f32", "Q4_0"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])
-def test_shards_stream_their_column_slices(arch, quant, tmp_path):
+def test_shards_stream_their_column_slices(arch, quant, tmp_path, monkeypatch):
     """Two devices each stream their own shard at the minimum budget, the column slices of
     attn_output and ffn_down (and of the experts' down) included, read as one piece each
     from the shard's own packed stream file, and their shares of q/k/v's biases (qwen2):
     through a prompt and decode steps they compute what the same shards compute resident,
-    bit for bit. From the model file, which holds the slices strided, a plan pins them."""
+    bit for bit. From the model file, which holds the slices strided, a plan pins them.
+
+    Each FFN projection is a unit here, as in a model with large ones: with two layers of
+    one small unit each, the minimum plan would pin everything."""
     from edgert.offload import packed
+    from edgert.offload import units as units_module
     from edgert.offload.units import units
+
+    monkeypatch.setattr(units_module, "SPLIT_FFN", 0)
 
     from edgert import models
     from edgert.convert import convert

@@ -540,10 +540,12 @@ def load_expert(store: WeightStore, shard: Shard, i: int, e: int) -> Expert:
 
 
 class StreamedFFN:
-    """Layer i's dense FFN when some of its projections stream. Each projection is its own
-    residency unit: a resident one comes from the layer, a streamed one is acquired from the
-    streamer when the forward asks for it (ffn_block asks for gate, up, down in the order it
-    uses them), which releases the previous unit's slot for the reader to refill."""
+    """Layer i's dense FFN when some of its projections stream and each is a residency unit
+    of its own (large projections, edgert.offload.units; a small FFN is one unit, which
+    `Transformer.ffn` acquires whole). A resident projection comes from the layer, a streamed
+    one is acquired from the streamer when the forward asks for it (ffn_block asks for gate,
+    up, down in the order it uses them), which releases the previous unit's slot for the
+    reader to refill."""
 
     def __init__(self, model: Transformer, i: int):
         self.model, self.L, self.i = model, model.layers[i], i
@@ -645,9 +647,14 @@ class Transformer:
             ]
         self.layers = [self.load_layer(store, i, resident) for i in range(a.n_layers)]
         # a dense layer's FFN as the forward takes it: the layer itself when all three of its
-        # projections are resident, else a StreamedFFN that acquires the others as they are used
+        # projections are resident, its unit's name when the whole FFN streams as one unit,
+        # else a StreamedFFN that acquires the streamed projections as they are used
         self._ffns = [
-            L if None not in (L.gate, L.up, L.down) else StreamedFFN(self, i)
+            L
+            if None not in (L.gate, L.up, L.down)
+            else f"blk.{i}.ffn"
+            if f"blk.{i}.ffn" in by_name
+            else StreamedFFN(self, i)
             for i, L in enumerate(self.layers)
         ]
         # Llama 3 scaling: GGUF stores the factors as a tensor, a checkpoint in its config
@@ -679,6 +686,8 @@ class Transformer:
         if a.n_experts:
             if resident(f"{p}.ffn"):
                 load_ffn(L, store, a, self.shard, i)
+        elif resident(f"{p}.ffn"):  # the FFN is one unit (small projections: edgert.offload.units)
+            load_ffn(L, store, a, self.shard, i)
         else:
             load_ffn(L, store, a, self.shard, i, [q for q in FFN_PARTS if resident(f"{p}.ffn_{q}")])
         for e in self.shard.experts if a.n_experts else ():
@@ -726,7 +735,8 @@ class Transformer:
         L = self.layers[i]
         if self.args.n_experts:
             return L if L.router is not None else self._streamed(f"blk.{i}.ffn")
-        return self._ffns[i]
+        f = self._ffns[i]
+        return self._streamed(f) if type(f) is str else f
 
     def head(self):
         """The output matrix's row pieces, (first row, last row, Linear), streamed ones as they
@@ -772,7 +782,7 @@ class Transformer:
             load_attention(L, store, a, self.shard, i)
             L.q_norm, L.k_norm = R.q_norm, R.k_norm
             return L
-        if a.n_experts:  # the router
+        if a.n_experts or u.name.endswith(".ffn"):  # the router, or a whole dense FFN
             load_ffn(L, store, a, self.shard, i)
             L.experts = R.experts
             return L
