@@ -15,8 +15,8 @@ test session that compiles a signature the table lacks fails.
 A run without a budget compiles only the kernels its path needs (a greedy chat never
 compiles the 4-bit KV cache's), so the CLI marks the sources as compiled once a run has
 generated (`mark_kernels_cached`). Both marks are named after the kernel modules' paths,
-sizes and modification times, which is what numba's own cache is keyed on: an upgrade or
-an edit recompiles, and announces it again.
+sizes and modification times, which is what numba's own cache is keyed on, and the table's:
+an upgrade or an edit recompiles, and announces it again.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _kernel_modules() -> list:
 
 def _mark(cache_dir: Path, what: str = "kernels") -> Path:
     h = hashlib.sha256()
-    for m in _kernel_modules():
-        f = Path(m.__file__)
+    # the table too: a specialization added to it is one the cache may not hold yet
+    for f in [Path(m.__file__) for m in _kernel_modules()] + [SIGNATURES]:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return Path(cache_dir) / "compiled" / f"{what}-{h.hexdigest()[:20]}"
