@@ -21,6 +21,7 @@ an upgrade or an edit recompiles, and announces it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -178,27 +179,29 @@ def ensure_compiled(cache_dir: Path, progress=None) -> None:
 
 def _compile_in_children(progress) -> None:
     parts = max(1, min(os.cpu_count() or 1, 4))
-    errs = [tempfile.TemporaryFile("w+") for _ in range(parts)]
-    cmd = [sys.executable, "-m", "edgert.jit"]
-    procs = [
-        subprocess.Popen([*cmd, str(i), str(parts)], stdout=subprocess.PIPE, stderr=e, text=True)
-        for i, e in enumerate(errs)
-    ]
     total = sum(len(v) for v in signatures().values())
-    done = 0
-    # each child prints a line per specialization; reading them in turn is enough, as the
-    # parts are about equal and a full pipe only pauses a child
-    for p in procs:
-        for _ in p.stdout:
-            done += 1
-            if progress:
-                progress("compiling kernels (once, after an install)", done, total)
-    for p, e in zip(procs, errs, strict=True):
-        if p.wait() != 0:
-            e.seek(0)
-            err = e.read().strip()
-            last = err.splitlines()[-1] if err else f"exit status {p.returncode}"
-            raise CompileError(f"compiling edgert's kernels failed: {last}")
+    with contextlib.ExitStack() as stack:
+        errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(parts)]
+        child = [sys.executable, "-m", "edgert.jit"]
+        procs = [
+            subprocess.Popen([*child, str(i), str(parts)], stdout=subprocess.PIPE, stderr=e, text=True)
+            for i, e in enumerate(errs)
+        ]
+        done = 0
+        # each child prints a line per specialization; reading them in turn is enough, as the
+        # parts are about equal and a full pipe only pauses a child
+        for p in procs:
+            with p.stdout:
+                for _ in p.stdout:
+                    done += 1
+                    if progress:
+                        progress("compiling kernels (once, after an install)", done, total)
+        for p, e in zip(procs, errs, strict=True):
+            if p.wait() != 0:
+                e.seek(0)
+                err = e.read().strip()
+                last = err.splitlines()[-1] if err else f"exit status {p.returncode}"
+                raise CompileError(f"compiling edgert's kernels failed: {last}")
 
 
 if __name__ == "__main__":  # a child of ensure_compiled: python -m edgert.jit PART PARTS

@@ -157,13 +157,13 @@ def build(
         plan = make_plan(
             src, memory_budget, ctx, max_tokens, profile, kw.get("kv_bits", 16), pack_stream, kw.get("shard")
         )
+        cache = cache_dir or hub.default_cache_dir()
         # a budgeted process never compiles: compiling takes far more memory than running
-        jit.ensure_compiled(cache_dir or hub.default_cache_dir(), progress)
+        jit.ensure_compiled(cache, progress)
         src.store.drop_cache = True  # what is packed leaves the page cache too
         if plan.packed and plan.streamed:
             from edgert.offload.packed import stream_file
 
-            cache = cache_dir or hub.default_cache_dir()
             shard = _partial(src.args, kw.get("shard"))
             stream = stream_file(
                 src.path, src.store, plan.units, plan.streamed, cache, progress, repr(shard) if shard else ""

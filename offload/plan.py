@@ -230,10 +230,15 @@ def plan(
     if not units:
         raise ValueError("no units to plan")
     kv = Memory(kv_bytes_per_token * context)
+
     # resident whatever the budget: the norms, and a shard's column slices where the plan reads
     # the model file (which holds them strided: they stream from the packed stream file only)
-    stays = lambda u: u.kind == "norms" or (u.strided and not packed)  # noqa: E731
-    on_rows = lambda u: u.kind == "embedding" and u.per_token < 1.0  # noqa: E731
+    def stays(u: Unit) -> bool:
+        return u.kind == "norms" or (u.strided and not packed)
+
+    def on_rows(u: Unit) -> bool:
+        return u.kind == "embedding" and u.per_token < 1.0
+
     always = [u for u in units if stays(u)]
     lazy = [u for u in units if on_rows(u)]
     movable = [u for u in units if not stays(u) and not on_rows(u)]

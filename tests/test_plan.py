@@ -207,7 +207,7 @@ def test_unit_resident_bytes_are_what_loading_holds(real_model):
                     raw = raw[u.rows[0] : u.rows[1]]
                 elif shard is not None and r.name.endswith(("ffn_down.weight", "attn_output.weight")):
                     k = a.head_dim * a.n_heads // a.n_kv_heads if "attn" in r.name else a.ffn_dim // 2
-                    raw = _cols(raw, ref.qtype, 0, k, ref.name)
+                    raw = _cols(raw, ref, range(0, k))
                 elif shard is not None:
                     raw = raw[: r.n_rows]
                 held += pack(raw, ref.qtype).data.nbytes

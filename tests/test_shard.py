@@ -93,11 +93,10 @@ def test_shards_stream_their_column_slices(arch, quant, tmp_path, monkeypatch):
     from edgert.offload import units as units_module
     from edgert.offload.units import units
 
-    monkeypatch.setattr(units_module, "SPLIT_FFN", 0)
-
     from edgert import models
     from edgert.convert import convert
 
+    monkeypatch.setattr(units_module, "SPLIT_FFN", 0)
     path = TINY / arch if quant == "f32" else convert(TINY / arch, tmp_path / f"{arch}.gguf", quant)
     src = loader.open_source(path)
     a, full = src.args, Shard.full(src.args)

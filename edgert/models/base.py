@@ -20,11 +20,11 @@ from edgert.cache import KVCache
 from edgert.comm import Identity
 from edgert.errors import FormatError, UnsupportedError
 from edgert.offload.stream import RowReader
-from edgert.quant.formats import BLOCK_SIZE, TYPE_SIZE, QType
+from edgert.quant.formats import QType
 from edgert.quant.kernels import MatmulScratch, PackedWeight, dequantize_rows, get_rows, matmul, pack
 from edgert.quant.kv import QuantKVCache, check_kv_bits
 from edgert.rope import llama3_factors
-from edgert.weights import WeightStore
+from edgert.weights import TensorRef, WeightStore
 
 # ---- config --------------------------------------------------------------------------
 
@@ -182,12 +182,12 @@ class Linear(NamedTuple):
     bias: np.ndarray | None = None
 
 
-def _cols(raw: np.ndarray, qtype: QType, start: int, stop: int, name: str) -> np.ndarray:
-    """Columns [start, stop) of a blocked row-major matrix, as a strided zero-copy view."""
-    bs, ts = BLOCK_SIZE[qtype], TYPE_SIZE[qtype]
-    if start % bs or stop % bs:
-        raise UnsupportedError(f"{name}: a shard boundary at column {start}/{stop} splits a {bs}-wide block")
-    return raw[:, start // bs * ts : stop // bs * ts]
+def _cols(raw: np.ndarray, ref: TensorRef, cols: range) -> np.ndarray:
+    """Columns `cols` of `ref`'s rows `raw`, as a strided zero-copy view (TensorRef.columns
+    checks the block boundaries)."""
+    piece = ref.columns(cols.start, cols.stop)
+    lo = piece.offset - ref.offset
+    return raw[:, lo : lo + piece.nbytes]
 
 
 def linear(store: WeightStore, name: str, rows: range | None = None, cols: range | None = None) -> Linear:
@@ -209,7 +209,7 @@ def linear(store: WeightStore, name: str, rows: range | None = None, cols: range
         return Linear(store.matrix(ref, cols if sliced else None), ref.qtype, bias)
     raw = store.raw(ref)
     if sliced:
-        raw = _cols(raw, ref.qtype, cols.start, cols.stop, ref.name)
+        raw = _cols(raw, ref, cols)
     # Repacking copies the bytes once into the kernels' row-interleaved layout; the file
     # mapping is dropped after loading, so no weight is held twice.
     # Release the file's pages chunk by chunk as they are packed; a shard's column slice
@@ -646,17 +646,10 @@ class Transformer:
                 for r0, r1, n, _ in self.head_parts
             ]
         self.layers = [self.load_layer(store, i, resident) for i in range(a.n_layers)]
-        # a dense layer's FFN as the forward takes it: the layer itself when all three of its
-        # projections are resident, its unit's name when the whole FFN streams as one unit,
-        # else a StreamedFFN that acquires the streamed projections as they are used
-        self._ffns = [
-            L
-            if None not in (L.gate, L.up, L.down)
-            else f"blk.{i}.ffn"
-            if f"blk.{i}.ffn" in by_name
-            else StreamedFFN(self, i)
-            for i, L in enumerate(self.layers)
-        ]
+        # each block as the forward takes it: the layer, or the name of the unit to acquire
+        # (formatted once here, not every token)
+        self._attention = [L if L.wq is not None else f"blk.{i}.attention" for i, L in enumerate(self.layers)]
+        self._ffns = [self._ffn_source(i, L, by_name, resident) for i, L in enumerate(self.layers)]
         # Llama 3 scaling: GGUF stores the factors as a tensor, a checkpoint in its config
         factors = store.f32("rope_freqs.weight") if "rope_freqs.weight" in store else None
         if factors is None and a.rope_factors:
@@ -674,6 +667,18 @@ class Transformer:
     def load_norms(self, store: WeightStore, i: int) -> LayerWeights:
         raise NotImplementedError
 
+    def _ffn_source(self, i: int, L: LayerWeights, by_name: dict, resident):
+        """Layer i's FFN as `ffn` hands it out: the name of its unit when the FFN streams as
+        one (an MoE layer's router, or a small dense FFN), else the layer itself when it holds
+        it (the router, or all three projections), else a StreamedFFN that acquires the
+        streamed projections as they are used."""
+        whole = f"blk.{i}.ffn"
+        if whole in by_name and not resident(whole):
+            return whole
+        if self.args.n_experts or None not in (L.gate, L.up, L.down):
+            return L
+        return StreamedFFN(self, i)
+
     def load_layer(self, store: WeightStore, i: int, resident) -> LayerWeights:
         """Layer i's norms, and those of its blocks that `resident(unit name)` keeps."""
         a, p = self.args, f"blk.{i}"
@@ -683,12 +688,9 @@ class Transformer:
             L.k_norm = norm(store, f"{p}.attn_k_norm", a.norm_shift)
         if resident(f"{p}.attention"):
             load_attention(L, store, a, self.shard, i)
-        if a.n_experts:
-            if resident(f"{p}.ffn"):
-                load_ffn(L, store, a, self.shard, i)
-        elif resident(f"{p}.ffn"):  # the FFN is one unit (small projections: edgert.offload.units)
+        if resident(f"{p}.ffn"):  # an MoE router, or a dense FFN that is one unit
             load_ffn(L, store, a, self.shard, i)
-        else:
+        elif not a.n_experts:  # the projections that are units of their own and resident
             load_ffn(L, store, a, self.shard, i, [q for q in FFN_PARTS if resident(f"{p}.ffn_{q}")])
         for e in self.shard.experts if a.n_experts else ():
             if resident(f"{p}.expert.{e}"):
@@ -728,13 +730,10 @@ class Transformer:
     # ---- the blocks, resident or streamed ----------------------------------------------
 
     def attention(self, i: int):
-        L = self.layers[i]
-        return L if L.wq is not None else self._streamed(f"blk.{i}.attention")
+        a = self._attention[i]
+        return self._streamed(a) if type(a) is str else a
 
     def ffn(self, i: int):
-        L = self.layers[i]
-        if self.args.n_experts:
-            return L if L.router is not None else self._streamed(f"blk.{i}.ffn")
         f = self._ffns[i]
         return self._streamed(f) if type(f) is str else f
 
@@ -782,7 +781,7 @@ class Transformer:
             load_attention(L, store, a, self.shard, i)
             L.q_norm, L.k_norm = R.q_norm, R.k_norm
             return L
-        if a.n_experts or u.name.endswith(".ffn"):  # the router, or a whole dense FFN
+        if u.name.endswith(".ffn"):  # an MoE layer's router, or a whole dense FFN
             load_ffn(L, store, a, self.shard, i)
             L.experts = R.experts
             return L
