@@ -54,7 +54,7 @@ from edgert.quant.pack import HAVE_VNNI, G, pack, packed_nbytes
 from edgert.errors import CacheError, FormatError
 from edgert.weights import ColumnSlice, TensorRef, WeightStore
 
-LAYOUT_VERSION = 1  # bump when the records or this file's layout change: old files are rebuilt
+LAYOUT_VERSION = 2  # bump when the records or this file's layout change: old files are rebuilt
 MAGIC = b"EDGERTPK"
 _HEADER = struct.Struct("<8sIIQQ")  # magic, layout version, reserved, index offset, index length
 PIECE_ALIGN = 64  # a tensor's records start on a cache line

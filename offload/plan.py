@@ -13,8 +13,8 @@ Decisions, and why:
   A tied embedding is the output head too, and is read whole every token like any unit.
 - Units are counted at what they hold in memory, not their size in the file: a pinned
   unit at its repacked size (`Unit.resident_bytes`), a unit streamed from the packed
-  stream file at its block's size. Q4_K records are 2% larger than the blocks, which on
-  the 7B at 3.5 GB was 60 MiB of pinned weights the plan did not see.
+  stream file at its block's size (records are the size of the GGUF blocks, but a
+  matrix's rows are padded to whole groups of 16, and a block to the read alignment).
 - Every dense unit is read once per token, so each pinned byte saves one streamed byte
   per token, whichever unit it belongs to. The units larger than the slot must be pinned,
   so the planner tries every slot size (each distinct unit size) and keeps the one that
@@ -219,7 +219,7 @@ def plan(
 ) -> Plan:
     """Plan residency for `units` under `budget` (see the module docstring for the rules).
     `packed`: streamed units that pack are read from the packed stream file, whose blocks
-    (up to 3% larger than the file's Q4_K bytes) set their slots' size.
+    set their slots' size.
 
     Raises:
         BudgetError: the budget is below the minimum working set; the message gives it.
@@ -345,9 +345,8 @@ def predict(streamed: float, read: float, kv_read: float, profile: DeviceProfile
 
 
 def _packed_read(u: Unit) -> float:
-    """Bytes a decode step reads of unit `u` streamed from the packed stream file: its block
-    (2-3% more than the model file's bytes for Q4_K records), or the model file's bytes
-    where it does not pack."""
+    """Bytes a decode step reads of unit `u` streamed from the packed stream file: its block,
+    or the model file's bytes where it does not pack."""
     b = packed_file.block(u)
     return (u.nbytes if b is None else b.nbytes) * u.per_token
 

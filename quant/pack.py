@@ -7,7 +7,8 @@ of that row (8 for 4-bit data: the low nibbles are values k..k+3, the high nibbl
 top bits of 5- and 6-bit values sit in separate 64-byte planes and are or'ed in at bit 4).
 `vpdpbusd` (AVX512-VNNI) multiplies such a chunk by 4 broadcast int8 activations and adds the 4
 products into each row's int32 lane, so the SIMD lanes run across output rows: no horizontal sums.
-Records are the size of 16 GGUF blocks (K-quants add 4 bytes a block: their 6-bit scales are unpacked).
+Records are exactly the size of 16 GGUF blocks: Q4_K and Q5_K keep ggml's packed 6-bit scales,
+which the kernel unpacks in registers.
 
 The arithmetic is ggml's: exact integer sums per block (per sub-block for K-quants), times the float
 scales; for llama.cpp parity, blocks of 32 can also keep ggml's 8 float lanes per row
@@ -45,8 +46,8 @@ _REC = {
     QType.Q5_0: G * 22,
     QType.Q5_1: G * 24,
     QType.Q8_0: G * 34,
-    QType.Q4_K: G * 148,
-    QType.Q5_K: G * 180,
+    QType.Q4_K: G * 144,
+    QType.Q5_K: G * 176,
     QType.Q6_K: G * 210,
 }
 
@@ -81,7 +82,7 @@ def packed_nbytes(qtype: int, n_rows: int, n_cols: int) -> int | None:
 
 def resident_nbytes(qtype: int, n_rows: int, row_bytes: int) -> int:
     """Bytes `pack` holds for n_rows rows of `row_bytes` raw bytes: the records where the type
-    has them (2-3% more than the blocks for Q4_K, whose scales they widen), else the rows."""
+    has them (the blocks' own size, once the rows are padded to whole groups of 16), else the rows."""
     qt = as_qtype(qtype)
     n = packed_nbytes(qt, n_rows, row_bytes // TYPE_SIZE[qt] * BLOCK_SIZE[qt])
     return n_rows * row_bytes if n is None else n
@@ -211,26 +212,20 @@ def _pack_rows(dst, w, N, rs, qt, nb, rec):
                         _put_h1(dst, o + p, r, v, 0)
                         p += 64
                     _put_nib(dst, o + p, r, v, 0)
-                elif qt == 12 or qt == 13:  # d | dmin | 8x16 scales | 8x16 mins | (qh planes) | nibbles
+                elif qt == 12 or qt == 13:  # d | dmin | 12x16 packed scales | (qh planes) | nibbles
                     _put16(dst, o, r, s, 0)
                     _put16(dst, o + 32, r, s, 2)
+                    for k in range(12):  # ggml's 6-bit scales and mins as they are: the kernel unpacks them
+                        dst[o + 64 + 16 * k + r] = _b(s, 4 + k)
                     qs0 = 48 if qt == 13 else 16
                     for j in range(8):
-                        if j < 4:
-                            sc = _b(s, 4 + j) & 63
-                            mn = _b(s, 8 + j) & 63
-                        else:
-                            sc = (_b(s, 8 + j) & 0x0F) | ((_b(s, j) >> 6) << 4)
-                            mn = (_b(s, 8 + j) >> 4) | ((_b(s, 4 + j) >> 6) << 4)
-                        dst[o + 64 + 16 * j + r] = sc
-                        dst[o + 192 + 16 * j + r] = mn
                         for l in range(32):
                             q = _b(s, qs0 + 32 * (j // 2) + l)
                             q = (q >> 4) if j & 1 else (q & 15)
                             if qt == 13:
                                 q |= ((_b(s, 16 + l) >> j) & 1) << 4
                             v[32 * j + l] = q
-                    p = 320
+                    p = 256
                     if qt == 13:
                         for j in range(8):
                             _put_h1(dst, o + p + 64 * j, r, v, 32 * j)
@@ -313,20 +308,12 @@ def _unpack_row(dst, p, n, qt, nb, rec):
         elif qt == 12 or qt == 13:
             for i in range(4):
                 dst[s + i] = p[o + 32 * (i // 2) + 2 * r + i % 2]
+            for k in range(12):
+                dst[s + 4 + k] = p[o + 64 + 16 * k + r]
             for j in range(8):
-                sc = np.int64(p[o + 64 + 16 * j + r])
-                mn = np.int64(p[o + 192 + 16 * j + r])
-                if j < 4:
-                    dst[s + 4 + j] = (dst[s + 4 + j] & 0xC0) | sc
-                    dst[s + 8 + j] = (dst[s + 8 + j] & 0xC0) | mn
-                else:
-                    dst[s + 8 + j] = (sc & 15) | ((mn & 15) << 4)
-                    dst[s + j] = (dst[s + j] & 63) | ((sc >> 4) << 6)
-                    dst[s + 4 + j] = (dst[s + 4 + j] & 63) | ((mn >> 4) << 6)
-            for j in range(8):
-                _get_nib(v, 32 * j, p, o + (832 if qt == 13 else 320) + 256 * j, r)
+                _get_nib(v, 32 * j, p, o + (768 if qt == 13 else 256) + 256 * j, r)
                 if qt == 13:
-                    _get_h(v, 32 * j, p, o + 320 + 64 * j, r, 1)
+                    _get_h(v, 32 * j, p, o + 256 + 64 * j, r, 1)
             qs0 = 48 if qt == 13 else 16
             for c in range(4):
                 for l in range(32):
@@ -473,8 +460,12 @@ def _dot(A, qs, ms, xoff, nchain):
 
 def _pairs(A, so, signed, shift=0):
     """Two [16] per-row byte vectors a, b at w[so:] as int16 pairs: lane r = (a[r], b[r]) << shift."""
+    return _zip_pairs(A, A.load(0, so, ir.VectorType(_I8, 32)), signed, shift)
+
+
+def _zip_pairs(A, v, signed, shift=0):
+    """`_pairs` of the 32 bytes v (a[16] then b[16]) already in a register."""
     b = A.b
-    v = A.load(0, so, ir.VectorType(_I8, 32))
     v = b.sext(v, ir.VectorType(_I16, 32)) if signed else b.zext(v, ir.VectorType(_I16, 32))
     if shift:
         v = b.shl(v, ir.Constant(ir.VectorType(_I16, 32), [shift] * 32))
@@ -483,6 +474,28 @@ def _pairs(A, so, signed, shift=0):
 
 
 _ZIP = [k // 2 + 16 * (k % 2) for k in range(32)]
+_CAT = ir.Constant(ir.VectorType(_I32, 32), list(range(32)))  # two [16] vectors, one after the other
+
+
+def _k_scale(A, j, mins=False):
+    """Q4_K/Q5_K: the scale (or min) of sub-block j for the record's 16 rows, a [16] byte vector,
+    unpacked from the record's 12 planes of ggml's 6-bit codes (plane k: byte k of every row's
+    12, as `get_scale_min_k4` reads them). Stored packed, a record is the size of its blocks;
+    unpacking costs two loads and a few byte-vector operations, next to the products that use
+    it (unpacking all 16 up front keeps them live through the record and spills registers)."""
+    b = A.b
+
+    def plane(k):
+        return A.load(0, A.off((1, 1), 64 + 16 * k), _V16I8)
+
+    def c(v):
+        return ir.Constant(_V16I8, [v] * 16)
+
+    if j < 4:
+        return b.and_(plane(j + 4 if mins else j), c(63))
+    high = b.shl(b.lshr(plane(j if mins else j - 4), c(6)), c(4))  # the top two bits, as bits 4-5
+    low = b.lshr(plane(j + 4), c(4)) if mins else b.and_(plane(j + 4), c(15))
+    return b.or_(low, high)
 
 
 def _dpwssd(A, acc, pairs, ai, off):
@@ -646,7 +659,8 @@ def _make_tile_k(qt, nt, order="fast"):
                             isc[i][0] = _dpwssd(A, isc[i][0], sp, 10, pair(i, k))
             else:  # the mins: min * (sum x) over sub-blocks 2k and 2k + 1
                 for k in range(4):
-                    mp = _pairs(A, A.off((1, 1), 192 + 32 * k), False)
+                    both = b.shuffle_vector(_k_scale(A, 2 * k, True), _k_scale(A, 2 * k + 1, True), _CAT)
+                    mp = _zip_pairs(A, both, False)
                     for i in range(nt):
                         kk = k if lanes else 0
                         imn[i][kk] = _dpwssd(A, imn[i][kk], mp, 10, pair(i, k))
@@ -668,9 +682,9 @@ def _make_tile_k(qt, nt, order="fast"):
                             )
                             isc[i][0] = b.add(isc[i][0], d)
                 else:  # Q4_K/Q5_K: u8 scale per sub-block of 32
-                    nib = A.off((1, 1), (832 if qt == 13 else 320) + 256 * j)
-                    qs = _quants(A, nib, A.off((1, 1), 320 + 64 * j), 5 if qt == 13 else 4)
-                    sc = bytes16(64 + 16 * j, False)
+                    nib = A.off((1, 1), (768 if qt == 13 else 256) + 256 * j)
+                    qs = _quants(A, nib, A.off((1, 1), 256 + 64 * j), 5 if qt == 13 else 4)
+                    sc = b.zext(_k_scale(A, j), _V16I32)
                     for i in range(nt):
                         if lanes:
                             for m in range(8):
