@@ -222,17 +222,34 @@ def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> li
     )
 
 
+def bulk_size(sizes: list[int]) -> int:
+    """The size most of these bytes come in: the smallest size s such that units of size s
+    or less hold at least half of them (a median weighted by bytes)."""
+    half, acc = sum(sizes) / 2, 0
+    for s in sorted(sizes):
+        acc += s
+        if acc >= half:
+            return s
+    raise ValueError("no sizes")
+
+
 def _chunk_output(out: list[Unit], groups: dict, tied: bool) -> list[Unit]:
     """Split the output head (a tied embedding is the head) into row chunks no larger than
-    the largest layer unit. Its rows are independent (each gives some of the logits), and a
-    262k-token vocabulary's head is most of a small model: whole, it would set every slot's
-    size, or have to be pinned."""
+    the size most of the layers' bytes come in. Its rows are independent (each gives some of
+    the logits), and a 262k-token vocabulary's head is most of a small model: whole, it would
+    set every slot's size, or have to be pinned.
+
+    Not the largest layer unit: a slot the size of the bulk then holds any chunk, and only the
+    few larger units have to be pinned for the plan to use it. On the 7B Q4_K_M, whose FFN
+    down projections are Q6_K (53 MiB) in half the layers and every other layer unit at most
+    36 MiB, chunks of 47 MiB kept every plan's slots at 53 MiB; with chunks of 36 MiB, the
+    plan at 1.5 GB pins the Q6_K projections instead and streams 49 MiB less per token."""
     key = ("embedding", None, None, "") if tied else ("head", None, None, "")
     refs = groups.get(key, [])
     layer = [u.nbytes for u in out if u.layer is not None]
     if len(refs) != 1 or not layer or isinstance(refs[0], ColumnSlice):
         return out
-    ref, limit = refs[0], max(layer)
+    ref, limit = refs[0], bulk_size(layer)
     if ref.nbytes <= limit:
         return out
     step = max(16, limit // ref.row_bytes // 16 * 16)  # whole 16-row groups of the packed layout

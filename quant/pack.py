@@ -482,7 +482,7 @@ def _k_scale(A, j, mins=False):
     unpacked from the record's 12 planes of ggml's 6-bit codes (plane k: byte k of every row's
     12, as `get_scale_min_k4` reads them). Stored packed, a record is the size of its blocks;
     unpacking costs two loads and a few byte-vector operations, next to the products that use
-    it (unpacking all 16 up front keeps them live through the record and spills registers)."""
+    it (unpacked all up front, the 16 vectors would stay live through the whole record)."""
     b = A.b
 
     def plane(k):
