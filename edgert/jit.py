@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from edgert.errors import CompileError
+from edgert.workers import module_command
 
 try:
     import fcntl
@@ -182,7 +183,7 @@ def _compile_in_children(progress) -> None:
     total = sum(len(v) for v in signatures().values())
     with contextlib.ExitStack() as stack:
         errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(parts)]
-        child = [sys.executable, "-m", "edgert.jit"]
+        child = module_command(sys.executable, "edgert.jit")
         procs = [
             subprocess.Popen([*child, str(i), str(parts)], stdout=subprocess.PIPE, stderr=e, text=True)
             for i, e in enumerate(errs)

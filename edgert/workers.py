@@ -18,11 +18,21 @@ class WorkerError(Exception):
     """A worker failed, timed out, or printed no result; the message says which."""
 
 
+def module_command(python: str, module: str) -> list[str]:
+    """`python -m module`, except that the current directory is not searched first: started
+    from a checkout's root, `-m` would import the checkout's edgert/ folder, which lacks the
+    quant, offload and apps subpackages that an install maps into the package."""
+    run = "import runpy, sys; del sys.path[0]; "  # -c puts the current directory first
+    run += f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
+    return [python, "-c", run]
+
+
 def worker_command(python: str, path: str | None = None, module: str | None = None) -> list[str]:
-    """The command that runs a worker: `python -m module`, or the file at `path` as __main__
-    (isolated, so it does not see this checkout's edgert under an interpreter without it)."""
+    """The command that runs a worker: `module` as with `python -m` (`module_command`), or the
+    file at `path` as __main__ (isolated, so it does not see this checkout's edgert under an
+    interpreter without it)."""
     if module is not None:
-        return [python, "-m", module]
+        return module_command(python, module)
     return [python, "-I", "-c", f"import runpy; runpy.run_path({path!r}, run_name='__main__')"]
 
 

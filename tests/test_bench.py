@@ -185,7 +185,7 @@ def test_stream_bench_alternates_and_measures_each_round(monkeypatch):
 
 
 def test_worker_result_failure_and_timeout():
-    from edgert.workers import WorkerError, run_worker, worker_command
+    from edgert.workers import WorkerError, module_command, run_worker, worker_command
 
     echo = [
         sys.executable,
@@ -201,4 +201,4 @@ def test_worker_result_failure_and_timeout():
         run_worker([sys.executable, "-c", "import time; time.sleep(30)"], {}, 1)
     cmd = worker_command("py", "/x/bench.py")
     assert cmd[:3] == ["py", "-I", "-c"] and "/x/bench.py" in cmd[3]
-    assert worker_command("py", module="edgert.bench") == ["py", "-m", "edgert.bench"]
+    assert worker_command("py", module="edgert.bench") == module_command("py", "edgert.bench")

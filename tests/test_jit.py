@@ -66,3 +66,25 @@ def test_processes_that_start_together_compile_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and list((tmp_path / "compiled").glob("all-*"))
+
+
+def test_children_import_the_installed_package_from_a_checkouts_root(tmp_path):
+    """A checkout's root holds an edgert/ folder without the subpackages an install maps in;
+    the compile children (and the benchmark workers) must not import it when started there.
+    The same mechanism on a standard-library module, shadowed by a folder in the cwd."""
+    from edgert.workers import module_command
+
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "__init__.py").write_text("raise ImportError('the folder in the cwd')\n")
+    shadowed = subprocess.run(
+        [sys.executable, "-m", "json.tool"], input="[1]", capture_output=True, text=True, cwd=tmp_path
+    )
+    assert shadowed.returncode != 0 and "the folder in the cwd" in shadowed.stderr  # what -m does
+    r = subprocess.run(
+        [*module_command(sys.executable, "json.tool"), "--compact"],
+        input="[1, 2]",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "[1,2]", r.stderr
