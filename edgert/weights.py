@@ -147,7 +147,7 @@ class WeightStore:
         another tensor still reads only costs a refault from the page cache. The page cache
         drops only the bytes' own pages: a neighbour's may be read next."""
         mm = self._maps.get(ref.path)
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED") or ref.nbytes == 0:
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         lo, hi = ref.offset, ref.offset + ref.nbytes
         if rows is not None:

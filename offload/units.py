@@ -120,12 +120,7 @@ class Unit:
         return self.nbytes * self.per_token
 
 
-# A dense FFN's projections are units of their own where one is this large (the 7B's are
-# 36-53 MiB: whole-FFN slots would be a tenth of a 1.5 GB budget each, and the reader idled
-# behind them), and the FFN is one unit where they are smaller: a streamed unit is one read,
-# and reads of a few MiB run slower on a disk than reads of tens (O_DIRECT, two in flight,
-# this VM: 1.42-1.46 GB/s for 3.5 MiB, 1.68 GB/s for 14 MiB).
-SPLIT_FFN = 16 << 20
+SPLIT_FFN = 16 << 20  # a projection this large makes each projection a unit (module docstring)
 
 
 def units(store: WeightStore, args: ModelArgs, shard: Shard | None = None) -> list[Unit]:
